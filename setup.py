@@ -1,0 +1,36 @@
+"""Build the Cython core (ufs.iomap.*).  Everything else is plain Python.
+
+UFS_DEBUG=1 compiles expensive assertions in (see ufs/iomap/include/debug.h);
+UFS_ANNOTATE=1 writes cython -a HTML next to each .pyx.
+"""
+import os
+from glob import glob
+
+from setuptools import Extension, setup
+
+try:
+    from Cython.Build import cythonize
+except ImportError as e:  # pragma: no cover - pyproject pins Cython for builds
+    raise SystemExit("Cython is required to build ufs: pip install 'Cython>=3'") from e
+
+debug = os.environ.get("UFS_DEBUG", "0") == "1"
+macros = [("UFS_DEBUG", "1" if debug else "0"), ("_GNU_SOURCE", "1")]
+cflags = ["-O2", "-g0" if not debug else "-g", "-Wno-unused-function", "-Wno-unreachable-code"]
+
+exts = []
+for pyx in sorted(glob("ufs/iomap/*.pyx")):
+    mod = pyx[:-4].replace("/", ".")
+    exts.append(Extension(mod, [pyx], include_dirs=["ufs/iomap/include"],
+                          define_macros=macros, extra_compile_args=cflags))
+
+setup(
+    ext_modules=cythonize(
+        exts,
+        language_level=3,
+        annotate=os.environ.get("UFS_ANNOTATE") == "1",
+        compiler_directives={
+            "boundscheck": debug, "wraparound": False, "cdivision": True,
+            "initializedcheck": debug, "embedsignature": True,
+        },
+    ),
+)
