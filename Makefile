@@ -33,7 +33,7 @@ sysdeps: .sysdeps-stamp
 $(VENV)/.stamp: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip >/dev/null 2>&1 || true
-	$(PIP) install -q $(PY_PKGS)
+	$(PIP) install -q $(PY_PKGS) 2> >(grep -v "is ignored" >&2)
 	@touch $@
 venv: .sysdeps-stamp $(VENV)/.stamp
 

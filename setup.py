@@ -17,9 +17,14 @@ debug = os.environ.get("UFS_DEBUG", "0") == "1"
 macros = [("UFS_DEBUG", "1" if debug else "0"), ("_GNU_SOURCE", "1")]
 cflags = ["-O2", "-g0" if not debug else "-g", "-Wno-unused-function", "-Wno-unreachable-code"]
 
+# UFS_BUILD_ONLY=bdev,dio limits the build to those modules (developers building one
+# module while another is being edited).
+only = {m for m in os.environ.get("UFS_BUILD_ONLY", "").split(",") if m}
 exts = []
 for pyx in sorted(glob("ufs/iomap/*.pyx")):
     mod = pyx[:-4].replace("/", ".")
+    if only and mod.rsplit(".", 1)[1] not in only:
+        continue
     exts.append(Extension(mod, [pyx], include_dirs=["ufs/iomap/include"],
                           define_macros=macros, extra_compile_args=cflags))
 
