@@ -44,21 +44,36 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from itertools import pairwise
 
-from ufs.errors import ExistsError, InvariantError, NotFoundError, CorruptError, InvalidError
+from ufs.errors import (
+    CorruptError,
+    ExistsError,
+    InvalidError,
+    InvariantError,
+    NotFoundError,
+)
 
 from . import format as fmt
-from .format import (EXTENT_DATA, FILE_EXTENT_INLINE, HEADER_SIZE, ITEM_SIZE, KEY_MIN,
-                     key_successor)
+from .format import (
+    EXTENT_DATA,
+    FILE_EXTENT_INLINE,
+    HEADER_SIZE,
+    ITEM_SIZE,
+    KEY_MIN,
+    key_successor,
+)
 
-__all__ = ["Node", "NodeCache", "BTree", "Path", "leaf_data_refs"]
+__all__ = ["BTree", "Node", "NodeCache", "Path", "leaf_data_refs"]
+
+U64_MASK = (1 << 64) - 1
 
 
 class Node:
     """A tree node in memory.  Leaves use ``keys``/``datas``; internal nodes ``keys``/``ptrs``/
     ``gens``.  ``used`` is the leaf's item-header + data bytes."""
 
-    __slots__ = ("bytenr", "generation", "owner", "level", "keys", "datas", "ptrs", "gens", "used")
+    __slots__ = ("bytenr", "datas", "generation", "gens", "keys", "level", "owner", "ptrs", "used")
 
     def __init__(self, bytenr, generation, owner, level, keys, datas=None, ptrs=None, gens=None):
         self.bytenr, self.generation, self.owner, self.level = bytenr, generation, owner, level
@@ -157,7 +172,9 @@ def leaf_data_refs(node):
             continue
         fe = fmt.DiskFileExtent.decode(datas[i], f"node {node.bytenr:#x} item {i}")
         if fe.type != FILE_EXTENT_INLINE and fe.disk_bytenr:
-            out.append((fe.disk_bytenr, fe.disk_num_bytes, k[0], k[2] - fe.offset))
+            # modulo 2^64: a reflinked piece may sit at a file position below its extent
+            # offset (btrfs lets the u64 wrap the same way)
+            out.append((fe.disk_bytenr, fe.disk_num_bytes, k[0], (k[2] - fe.offset) & U64_MASK))
     return out
 
 
@@ -167,7 +184,7 @@ class Path:
     A path read without a transaction stays valid only until the tree is modified.
     """
 
-    __slots__ = ("tree", "nodes", "slots")
+    __slots__ = ("nodes", "slots", "tree")
 
     def __init__(self, tree, nodes, slots):
         self.tree, self.nodes, self.slots = tree, nodes, slots
@@ -258,8 +275,7 @@ class BTree:
         cache_read = self.fs.cache.read
         while node.level:
             s = bisect_right(node.keys, key) - 1
-            if s < 0:
-                s = 0
+            s = max(s, 0)
             nodes[node.level], slots[node.level] = node, s
             node = cache_read(node.ptrs[s], node.gens[s], node.level - 1)
         s = bisect_left(node.keys, key)
@@ -273,10 +289,9 @@ class BTree:
 
     def next_item(self, key):
         """``(key, data)`` of the first item with key >= ``key``, or None."""
-        found, path = self.search(key)
-        if not path.valid():
-            if not path.next_leaf():
-                return None
+        _found, path = self.search(key)
+        if not path.valid() and not path.next_leaf():
+            return None
         return path.key(), path.data()
 
     def prev_item(self, key):
@@ -309,7 +324,7 @@ class BTree:
         """
         key = start
         while key is not None:
-            found, path = self.search(key)
+            _found, path = self.search(key)
             leaf, s = path.leaf, path.slot
             if s >= len(leaf.keys):
                 if not path.next_leaf():
@@ -395,8 +410,7 @@ class BTree:
         slots = [0] * (node.level + 1)
         while node.level:
             s = bisect_right(node.keys, key) - 1
-            if s < 0:
-                s = 0
+            s = max(s, 0)
             nodes[node.level], slots[node.level] = node, s
             node = self._cow(trans, self._read_child(node, s), node, s)
         s = bisect_left(node.keys, key)
@@ -524,7 +538,7 @@ class BTree:
             return
         bounds = [0] + cuts + [len(node.keys)]
         new_nodes = []
-        for a, b in zip(bounds[1:-1], bounds[2:]):
+        for a, b in pairwise(bounds[1:]):
             if level == 0:
                 nn = self._new_node(trans, 0, node.keys[a:b], node.datas[a:b])
             else:

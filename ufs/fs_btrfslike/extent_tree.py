@@ -43,10 +43,15 @@ from ufs.errors import CorruptError, InvariantError, NoSpaceError
 
 from . import format as fmt
 from .ctree import BTree
-from .format import (EXTENT_DATA_REF, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM,
-                     DiskExtentItem)
+from .format import (
+    EXTENT_DATA_REF,
+    EXTENT_FLAG_DATA,
+    EXTENT_FLAG_TREE_BLOCK,
+    EXTENT_ITEM,
+    DiskExtentItem,
+)
 
-__all__ = ["FreeSpace", "DelayedRef", "ExtentTree", "INLINE_DATA_REFS"]
+__all__ = ["INLINE_DATA_REFS", "DelayedRef", "ExtentTree", "FreeSpace"]
 
 INLINE_DATA_REFS = 4     # data back-references kept inside the EXTENT_ITEM before overflowing
 
@@ -140,8 +145,17 @@ class FreeSpace:
 class DelayedRef:
     """Pending changes to one extent in the running transaction."""
 
-    __slots__ = ("num_bytes", "tree_block", "level", "owner", "generation", "refs", "data_refs",
-                 "new", "freed")
+    __slots__ = (
+        "data_refs",
+        "freed",
+        "generation",
+        "level",
+        "new",
+        "num_bytes",
+        "owner",
+        "refs",
+        "tree_block",
+    )
 
     def __init__(self, num_bytes, tree_block, *, new=False, refs=0, level=0, owner=0,
                  generation=0):
@@ -168,6 +182,16 @@ class ExtentTree:
         self.pinned = []
         self.nodesize = fs.nodesize
         self.sectorsize = fs.sectorsize
+        # fn(bytenr, num_bytes): a data extent lost its last reference (the layer above drops
+        # the extent's checksums).  Called synchronously, possibly in the middle of a tree
+        # operation, so it must only record the range.
+        self.on_data_freed = None
+        # fn(bytenr, num_bytes): decides when a freed data extent's space may be allocated
+        # again (the layer above holds it back while direct reads that may still be reading
+        # it are in flight) and then calls ``free.add`` itself.  None: at once (new extents)
+        # or at ``unpin`` (committed ones).
+        self.data_reuse_gate = None
+        self._pinned_data = set()
 
     # ------------------------------------------------------------------ free space
 
@@ -193,9 +217,14 @@ class ExtentTree:
 
     def unpin(self):
         """After the commit that freed them is durable: pinned extents become allocatable."""
+        gate = self.data_reuse_gate
         for a, ln in self.pinned:
-            self.free.add(a, ln)
+            if gate is not None and a in self._pinned_data:
+                gate(a, ln)
+            else:
+                self.free.add(a, ln)
         self.pinned = []
+        self._pinned_data.clear()
 
     # ------------------------------------------------------------------ committed state
 
@@ -277,13 +306,20 @@ class ExtentTree:
         self._release(bytenr, d)
 
     def _release(self, bytenr, d):
+        if not d.tree_block and self.on_data_freed is not None:
+            self.on_data_freed(bytenr, d.num_bytes)
         if d.new:
             # Never committed: nothing durable points here; reusable now.
             del self.pending[bytenr]
-            self.free.add(bytenr, d.num_bytes)
+            if not d.tree_block and self.data_reuse_gate is not None:
+                self.data_reuse_gate(bytenr, d.num_bytes)
+            else:
+                self.free.add(bytenr, d.num_bytes)
         else:
             d.freed = True
             self.pinned.append((bytenr, d.num_bytes))
+            if not d.tree_block:
+                self._pinned_data.add(bytenr)
 
     # ------------------------------------------------------------------ data extents
 

@@ -49,13 +49,38 @@ except ImportError:  # pragma: no cover - only before the Cython core is built
         return crc ^ 0xFFFFFFFF
 
 __all__ = [
-    "crc32c", "Layout", "LAYOUTS", "Key", "key_successor", "KEY_MIN", "KEY_MAX",
-    "DiskSuperblock", "DiskNode", "DiskRootItem", "DiskRootRef", "DiskInodeItem", "DiskInodeRef",
-    "DiskDirEntry", "DiskFileExtent", "DiskExtentItem", "DiskExtentDataRef", "DiskCsumItem",
-    "encode_node", "decode_node", "node_max_items", "leaf_data_capacity", "max_item_size",
-    "superblock_addrs", "reserved_ranges", "name_hash", "extent_data_ref_hash",
-    "encode_dir_entries", "decode_dir_entries", "encode_inode_refs", "decode_inode_refs",
-    "encode_extent_data_refs", "decode_extent_data_refs",
+    "KEY_MAX",
+    "KEY_MIN",
+    "LAYOUTS",
+    "DiskCsumItem",
+    "DiskDirEntry",
+    "DiskExtentDataRef",
+    "DiskExtentItem",
+    "DiskFileExtent",
+    "DiskInodeItem",
+    "DiskNode",
+    "DiskRootItem",
+    "DiskRootRef",
+    "DiskSuperblock",
+    "Key",
+    "Layout",
+    "crc32c",
+    "decode_dir_entries",
+    "decode_extent_data_refs",
+    "decode_inode_refs",
+    "decode_node",
+    "encode_dir_entries",
+    "encode_extent_data_refs",
+    "encode_inode_refs",
+    "encode_node",
+    "extent_data_ref_hash",
+    "key_successor",
+    "leaf_data_capacity",
+    "max_item_size",
+    "name_hash",
+    "node_max_items",
+    "reserved_ranges",
+    "superblock_addrs",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -222,11 +247,20 @@ EXTENT_DATA_REF_L = Layout("extent_data_ref", [
     ("root", "Q"), ("objectid", "Q"), ("offset", "Q"), ("count", "I"),
 ])
 CSUM_L = Layout("csum_entry", [("crc32c", "I")])
+PROBE_LABEL_L = Layout("probe_label", [("magic", "8s"), ("fsid", "16s"), ("reserved", "8s")])
+
+PROBE_LABEL_ADDR = 60 * 1024        # inside the first 64 KiB the registry probes (SPEC.md §2)
+
+# INODE_ITEM.flags (SPEC.md §6).
+INODE_NODATASUM = 1 << 0            # data of this inode has no checksums
+INODE_NODATACOW = 1 << 1            # overwrite unshared extents in place (implies NODATASUM)
+INODE_FLAGS_KNOWN = INODE_NODATASUM | INODE_NODATACOW
 
 LAYOUTS = {l.name: l for l in (
     SUPERBLOCK, NODE_HEADER, LEAF_ITEM, KEY_PTR, ROOT_ITEM_L, ROOT_REF_L, INODE_ITEM_L,
     INODE_REF_L, DIR_ENTRY_L, FILE_EXTENT_HEAD_L, FILE_EXTENT_DISK_L, EXTENT_ITEM_L,
     TREE_BLOCK_INFO_L, INLINE_TREE_BLOCK_REF_L, INLINE_DATA_REF_L, EXTENT_DATA_REF_L, CSUM_L,
+    PROBE_LABEL_L,
 )}
 
 HEADER_SIZE = NODE_HEADER.size      # 56
@@ -381,7 +415,7 @@ class DiskNode:
     """A decoded node.  Leaves: ``keys`` + ``datas`` (bytes); internal: ``keys`` + ``ptrs`` +
     ``gens`` (child address and the generation its parent recorded)."""
 
-    __slots__ = ("bytenr", "generation", "owner", "level", "keys", "datas", "ptrs", "gens", "fsid")
+    __slots__ = ("bytenr", "datas", "fsid", "generation", "gens", "keys", "level", "owner", "ptrs")
 
     def __init__(self, bytenr, generation, owner, level, keys, datas=None, ptrs=None, gens=None,
                  fsid=None):
@@ -473,8 +507,8 @@ def decode_node(buf, bytenr, *, fsid, nodesize, generation=None, level=None, own
         end = nodesize
         prev = None
         limit = HEADER_SIZE + nritems * ITEM_SIZE
-        slot = 0
-        for oid, typ, off, doff, dsize in _ITEM_S.iter_unpack(mv[HEADER_SIZE:limit]):
+        for slot, (oid, typ, off, doff, dsize) in enumerate(
+                _ITEM_S.iter_unpack(mv[HEADER_SIZE:limit])):
             if doff + dsize != end or doff < limit:
                 raise _corrupt(what, bytenr, f"item {slot}: data [{doff}, +{dsize}) not packed")
             k = (oid, typ, off)
@@ -484,15 +518,13 @@ def decode_node(buf, bytenr, *, fsid, nodesize, generation=None, level=None, own
             datas.append(bytes(mv[doff:end]))
             end = doff
             prev = k
-            slot += 1
         return DiskNode(bytenr, ngen, nowner, 0, keys, datas=datas, fsid=nfsid)
     if nritems == 0 or HEADER_SIZE + nritems * KEY_PTR_SIZE > nodesize:
         raise _corrupt(what, bytenr, f"internal node with {nritems} pointers")
     keys, ptrs, gens = [], [], []
     prev = None
-    slot = 0
-    for oid, typ, off, ptr, pgen in _PTR_S.iter_unpack(
-            mv[HEADER_SIZE:HEADER_SIZE + nritems * KEY_PTR_SIZE]):
+    for slot, (oid, typ, off, ptr, pgen) in enumerate(_PTR_S.iter_unpack(
+            mv[HEADER_SIZE:HEADER_SIZE + nritems * KEY_PTR_SIZE])):
         k = (oid, typ, off)
         if prev is not None and k <= prev:
             raise _corrupt(what, bytenr, f"pointer {slot}: key {key_str(k)} out of order")
@@ -504,7 +536,6 @@ def decode_node(buf, bytenr, *, fsid, nodesize, generation=None, level=None, own
         ptrs.append(ptr)
         gens.append(pgen)
         prev = k
-        slot += 1
     return DiskNode(bytenr, ngen, nowner, nlevel, keys, ptrs=ptrs, gens=gens, fsid=nfsid)
 
 

@@ -32,14 +32,30 @@ from __future__ import annotations
 import os
 import threading
 
-from ufs.errors import (CorruptError, InvalidError, InvariantError, NotFoundError, ReadOnlyError,
-                        ExistsError)
+from ufs.errors import (
+    CorruptError,
+    ExistsError,
+    InvalidError,
+    InvariantError,
+    NotFoundError,
+    ReadOnlyError,
+)
 
 from . import format as fmt
 from .ctree import BTree, NodeCache, leaf_data_refs
 from .extent_tree import ExtentTree, FreeSpace
-from .format import (CSUM_TREE_ID, EXTENT_TREE_ID, FIRST_FREE_OBJECTID, FS_TREE_ID, ROOT_ITEM,
-                     ROOT_SHAREABLE, ROOT_TREE_ID, SB_SIZE, DiskRootItem, DiskSuperblock)
+from .format import (
+    CSUM_TREE_ID,
+    EXTENT_TREE_ID,
+    FIRST_FREE_OBJECTID,
+    FS_TREE_ID,
+    ROOT_ITEM,
+    ROOT_SHAREABLE,
+    ROOT_TREE_ID,
+    SB_SIZE,
+    DiskRootItem,
+    DiskSuperblock,
+)
 
 __all__ = ["Transaction", "TransactionManager", "fsck"]
 
@@ -49,7 +65,7 @@ WRITE_COALESCE_MAX = 1 << 20     # bytes per device write when flushing contiguo
 class Transaction:
     """The running transaction: ``transid`` is the generation its commit will have."""
 
-    __slots__ = ("transid", "running", "manager")
+    __slots__ = ("manager", "running", "transid")
 
     def __init__(self, manager, transid):
         self.manager, self.transid, self.running = manager, transid, True
@@ -153,7 +169,7 @@ class TransactionManager:
                     errors.append(f"superblock at {addr:#x}: {e}")
 
         probe(fmt.superblock_addrs(dev.size))
-        for sb in list(cands):
+        for sb in cands:
             probe(fmt.superblock_addrs(sb.total_bytes))
         cands.sort(key=lambda s: s.generation, reverse=True)
         for sb in cands:
