@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/bdev_bench.py [--image PATH] [--seconds 5] [--backend io_uring]
 
 Runs, for each workload, fio (--direct=1 --ioengine=io_uring) and then
-``ufs.iomap.bdev._bench_queue`` (bios straight through one IoQueue, no GIL) on the
+``ufs.iomap.bdev._bench_queue`` (bios straight through one IoQueue, no GIL) twice:
+"ufs" unplugs after every bio (fio's default iodepth_batch_submit=1), "batch"
+resubmits every bio refilled after a reap in one unplug.  Both on the
 same 1 GiB image, alternating them ``--repeat`` times, and prints the median IOPS,
 MiB/s and the median of the per-pair ratios ufs/fio.  Not a test.
 """
@@ -17,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ufs.iomap import bdev  # noqa: E402
+from ufs.iomap import bdev
 
 GiB = 1 << 30
 WORKLOADS = [  # name, fio rw, ufs op, bs, qd
@@ -47,6 +49,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--backend", default="io_uring", choices=["io_uring", "threads"])
     ap.add_argument("--no-fill", action="store_true", help="do not fill the image first")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="ufs buffers madvise(MADV_HUGEPAGE) (fio's are plain malloc)")
     ap.add_argument("--only", help="comma-separated workload names")
     ap.add_argument("--repeat", type=int, default=3,
                     help="alternate fio/ufs runs this many times and report medians "
@@ -69,22 +73,28 @@ def main():
         print(f"# machine: {os.cpu_count()} cpus, {os.uname().release}; image {image}; "
               f"{args.seconds:g}s per run; ufs backend {args.backend}")
         print(f"{'workload':20s} {'fio IOPS':>10s} {'ufs IOPS':>10s} {'fio MiB/s':>10s} "
-              f"{'ufs MiB/s':>10s} {'ufs/fio':>8s}")
+              f"{'ufs MiB/s':>10s} {'ufs/fio':>8s} {'batch/fio':>9s}")
         dev = bdev.open_device(image, backend=args.backend)
         try:
             for name, rw, op, bs, qd in WORKLOADS:
                 if only and name not in only:
                     continue
-                fs, us = [], []
+                fs, us, bs_ = [], [], []
                 for _ in range(max(1, args.repeat)):
                     fs.append(fio_iops(image, rw, bs, qd, args.seconds))
-                    us.append(bdev._bench_queue(dev, op, bs, qd, args.seconds, GiB))
+                    # unplug after every bio, as fio's default iodepth_batch_submit=1
+                    us.append(bdev._bench_queue(dev, op, bs, qd, args.seconds, GiB,
+                                                submit_each=True, hugepages=args.hugepages))
+                    # every bio refilled after a reap goes in one unplug
+                    bs_.append(bdev._bench_queue(dev, op, bs, qd, args.seconds, GiB,
+                                                 submit_each=False, hugepages=args.hugepages))
                 # Ratio of each adjacent (fio, ufs) pair, then the median: robust
                 # to a machine whose speed drifts (other jobs on a shared VM).
                 ratio = statistics.median(u_ / f_ for f_, u_ in zip(fs, us))
+                bratio = statistics.median(b_ / f_ for f_, b_ in zip(fs, bs_))
                 f, u = statistics.median(fs), statistics.median(us)
                 print(f"{name:20s} {f:10.0f} {u:10.0f} {f * bs / 2**20:10.1f} "
-                      f"{u * bs / 2**20:10.1f} {ratio:8.3f}", flush=True)
+                      f"{u * bs / 2**20:10.1f} {ratio:8.3f} {bratio:9.3f}", flush=True)
         finally:
             dev.close()
     finally:

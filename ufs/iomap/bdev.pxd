@@ -31,6 +31,9 @@ cdef struct bio:
     void* private          # owner cookie (the engine's dio)
     bio* next              # plug-list link; owned by the queue while submitted
     uint64_t seq           # device-assigned submission sequence (crash recorder, tracing)
+    # Device-private (set by submit(), meaningless to the owner):
+    size_t done            # bytes transferred so far (short transfers are resubmitted)
+    void* owner            # the queue's completion state (thread-pool backend)
 
 ctypedef bio bio_t
 
@@ -38,15 +41,21 @@ ctypedef bio bio_t
 cdef class IoQueue:
     """A submission/completion queue on one device, used by one thread at a time.
 
-    submit() only links the bio onto the plug list (no syscall).  unplug() hands
-    every plugged bio to the device (io_uring_enter, a worker pool, or memory);
-    bios that cannot be submitted are completed with their error.  reap(n) waits
-    until at least n completions were processed (end_io called) and returns how
-    many were processed, or -errno if the queue itself failed.
+    submit() only links the bio onto the plug list (no syscall) and always takes
+    the bio (returns 0): a bio check_bio refuses is completed with its error at the
+    next unplug()/reap().  unplug() hands every plugged bio to the device
+    (io_uring_enter, a worker pool, or memory) and returns how many bios it
+    completed itself (>= 0) or -errno.  reap(n) unplugs first (io_uring: submit
+    and wait in one io_uring_enter), then waits until at least n completions
+    were processed (end_io called; n is capped at inflight, reap(0) only polls)
+    and returns how many were processed, or -errno if the queue itself failed.
+    A RamDev queue completes everything at unplug().
     """
     cdef readonly BlockDev dev
-    cdef readonly int inflight          # submitted, end_io not yet called
+    cdef readonly int inflight          # submitted, end_io not yet called (plugged included)
     cdef readonly int plugged           # on the plug list
+    cdef readonly bint closed
+    cdef object __weakref__
     cdef int submit(self, bio_t* b) noexcept nogil
     cdef int unplug(self) noexcept nogil
     cdef int reap(self, int min_complete) noexcept nogil
@@ -71,6 +80,8 @@ cdef class BlockDev:
     cdef readonly str backend               # "io_uring", "threads", "memory"
     cdef readonly bint closed
     cdef object _local                      # threading.local holding each thread's queue
+    cdef object _queues                     # WeakSet of every queue made on this device
+    cdef uint64_t next_seq                  # bio.seq source (atomic)
     cdef object __weakref__
 
     cpdef IoQueue queue(self)               # the calling thread's queue (created lazily)
