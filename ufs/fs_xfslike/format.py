@@ -50,6 +50,7 @@ __all__ = [
     "BMBT",
     "BNOBT",
     "CNTBT",
+    "DIRBT",
     "FORMAT_VERSION",
     "INOBT",
     "LAYOUTS",
@@ -96,12 +97,13 @@ LOGH_MAGIC = _magic(b"XLLH")      # log header slot
 LOGR_MAGIC = _magic(b"XLLR")      # log record header
 LOGC_MAGIC = _magic(b"XLLC")      # log record commit block
 INODE_MAGIC = _magic(b"XLIN")     # on-disk inode
+DIRBT_MAGIC = _magic(b"XLDR")     # directory entry B+tree node
 
 MAGIC_NAMES = {
     SB_MAGIC: "superblock", AGH_MAGIC: "AG header", BNOBT_MAGIC: "bnobt node",
     CNTBT_MAGIC: "cntbt node", INOBT_MAGIC: "inobt node", BMBT_MAGIC: "bmbt node",
     LOGH_MAGIC: "log header", LOGR_MAGIC: "log record", LOGC_MAGIC: "log commit",
-    INODE_MAGIC: "inode",
+    INODE_MAGIC: "inode", DIRBT_MAGIC: "dirbt node",
 }
 
 # Owner ids for blocks that belong to no AG/inode.
@@ -143,6 +145,9 @@ FMT_INLINE = 1                    # data lives in the fork area (small dirs, sym
 FMT_EXTENTS = 2                   # fork area holds an array of DiskExtent
 FMT_BTREE = 3                     # extents live in a BMBT whose root is bmbt_root_blk
 FMT_DEV = 4                       # device special file: no data (rdev holds the device)
+
+DIR_NAME_MAX = 255                # bytes of a directory entry name
+INODES_PER_CHUNK = 64             # inodes per inobt record (free_mask bits)
 
 EXT_UNWRITTEN = 1 << 0            # DiskExtent.flags: allocated, reads as zeros
 
@@ -306,6 +311,7 @@ SB = _layout("DiskSuperblock", [
     ("icount", "Q", "allocated inodes summary (valid when CLEAN)"),
     ("ifree", "Q", "free inodes in allocated chunks summary (valid when CLEAN)"),
     ("label", "32s", "volume label, NUL padded"),
+    ("unlinked_ino", "Q", "first inode of the unlinked-but-open list (0: empty)"),
 ], base=HDR_SIZE)
 
 
@@ -331,6 +337,7 @@ class DiskSuperblock:
     icount: int = 0
     ifree: int = 0
     label: bytes = b""
+    unlinked_ino: int = 0
     lsn: int = 0
 
     def ag_start_blk(self, agno: int) -> int:
@@ -348,7 +355,8 @@ class DiskSuperblock:
                             self.block_size, self.sector_size, self.inode_size, self.ag_count,
                             self.total_blk, self.ag_blk, self.log_start_blk, self.log_nblocks,
                             self.state, self.root_ino, self.mount_generation, self.free_blk,
-                            self.icount, self.ifree, self.label.ljust(32, b"\0")[:32]))
+                            self.icount, self.ifree, self.label.ljust(32, b"\0")[:32],
+                            self.unlinked_ino))
 
     def load_body(self, data) -> None:
         """Set the fields from a superblock block's body (no header checks: an in-memory
@@ -357,7 +365,7 @@ class DiskSuperblock:
         (self.version, self.compat, self.ro_compat, self.incompat, self.block_size, self.sector_size,
          self.inode_size, self.ag_count, self.total_blk, self.ag_blk, self.log_start_blk,
          self.log_nblocks, self.state, self.root_ino, self.mount_generation, self.free_blk,
-         self.icount, self.ifree, label) = v
+         self.icount, self.ifree, label, self.unlinked_ino) = v
         self.label = label.rstrip(b"\0")
 
     def encode(self, agno: int = 0) -> bytes:
@@ -387,7 +395,7 @@ class DiskSuperblock:
                  block_size=bs, sector_size=v[5], inode_size=v[6], ag_count=v[7], total_blk=v[8],
                  ag_blk=ag_blk, log_start_blk=v[10], log_nblocks=v[11], state=v[12], root_ino=v[13],
                  mount_generation=v[14], free_blk=v[15], icount=v[16], ifree=v[17],
-                 label=v[18].rstrip(b"\0"), lsn=h.lsn)
+                 label=v[18].rstrip(b"\0"), unlinked_ino=v[19], lsn=h.lsn)
         sb.validate(f"superblock in AG {agno}")
         return sb
 
@@ -583,6 +591,7 @@ INO = _layout("DiskInode", [
     ("reserved", "H", "zero"),
     ("inline_len", "I", "FMT_INLINE: bytes of data used in the fork area"),
     ("next_unlinked", "Q", "next inode on the unlinked-but-open list (0: end)"),
+    ("xattr_blk", "Q", "block holding the extended attributes (NULL_BLK: none)"),
 ])
 INODE_CORE_SIZE = INO.size
 
@@ -609,6 +618,7 @@ class DiskInode:
     bmbt_level: int = 0
     inline_len: int = 0
     next_unlinked: int = 0
+    xattr_blk: int = NULL_BLK
     fork: bytes = b""            # the fork area (inode_size - INODE_CORE_SIZE bytes)
     lsn: int = 0
     version: int = 1
@@ -627,7 +637,7 @@ class DiskInode:
                              self.rdev, self.flags, self.generation, self.nextents, self.size,
                              self.nblocks, self.atime_ns, self.mtime_ns, self.ctime_ns,
                              self.crtime_ns, self.bmbt_root_blk, self.bmbt_level, 0,
-                             self.inline_len, self.next_unlinked)
+                             self.inline_len, self.next_unlinked, self.xattr_blk)
         mv[INODE_CORE_SIZE:] = self.fork.ljust(fsz, b"\0")
         struct.pack_into("<I", mv, 4, block_crc(mv))
 
@@ -658,7 +668,7 @@ class DiskInode:
                  uid=v[9], gid=v[10], rdev=v[11], flags=v[12], generation=v[13], nextents=v[14],
                  size=v[15], nblocks=v[16], atime_ns=v[17], mtime_ns=v[18], ctime_ns=v[19],
                  crtime_ns=v[20], bmbt_root_blk=v[21], bmbt_level=v[22], inline_len=v[24],
-                 next_unlinked=v[25], fork=bytes(mv[INODE_CORE_SIZE:]))
+                 next_unlinked=v[25], xattr_blk=v[26], fork=bytes(mv[INODE_CORE_SIZE:]))
         if fmt == FMT_INLINE and di.inline_len > inode_size - INODE_CORE_SIZE:
             raise CorruptError("inode", loc, "inline_len past the fork area")
         if fmt == FMT_EXTENTS and di.nextents * EXTENT.size > inode_size - INODE_CORE_SIZE:
@@ -817,7 +827,15 @@ INOBT = BtreeSchema("inobt", INOBT_MAGIC, [
     ("free_mask", "Q", "bit i set: inode start_ino + i is free"),
 ], nkey=1)
 BMBT = BtreeSchema("bmbt", BMBT_MAGIC, EXTENT.fields, nkey=1)
-SCHEMAS = {s.name: s for s in (BNOBT, CNTBT, INOBT, BMBT)}
+DIRBT = BtreeSchema("dirbt", DIRBT_MAGIC, [
+    ("hash", "I", "name hash (dir_hash); 0 only for the '..' record"),
+    ("coll", "I", "collision index among names with this hash"),
+    ("ino", "Q", "inode number the entry names"),
+    ("ftype", "B", "d_type of the target (DT_*)"),
+    ("namelen", "B", "bytes of name used"),
+    ("name", f"{DIR_NAME_MAX}s", "the name, NUL padded"),
+], nkey=2)
+SCHEMAS = {s.name: s for s in (BNOBT, CNTBT, INOBT, BMBT, DIRBT)}
 
 
 # --- log ---------------------------------------------------------------------------------
