@@ -121,10 +121,13 @@ class EngineTarget:
         t0 = time.perf_counter()
         end = t0 + runtime_s
         while True:
+            # Submit each I/O as soon as it is queued, as fio does by default
+            # (iodepth_batch_submit=1): on virtio disks one io_uring_enter per refill
+            # of the whole queue measured ~0.8 of fio, one per I/O ~0.98.
             while free:
                 i = free.pop()
                 batch.issue(Kiocb(filp, next(positions), flags, complete, i), bufs[i], ops)
-            batch.submit()
+                batch.submit()
             batch.wait(1)
             if time.perf_counter() >= end:
                 break
