@@ -29,6 +29,11 @@ __all__ = ["Inode"]
 class Inode:
     """One in-memory inode.  Personalities subclass it for their own fields."""
 
+    # Class-level defaults: a personality may override them with properties.
+    i_blocks = 0        # 512-byte units, as st_blocks
+    i_op = None         # InodeOperations (ufs.vfs.ops)
+    i_fop = None        # FileOperations for opens of this inode
+
     def __init__(self, sb, ino: int, mode: int = stat.S_IFREG | 0o644, *, size: int = 0,
                  blkbits: int | None = None, wb_ops=None, uid: int = 0, gid: int = 0,
                  nlink: int = 1):
