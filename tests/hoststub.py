@@ -10,8 +10,8 @@ from __future__ import annotations
 import queue
 import threading
 
-from ufs.errors import DeadlockError, from_errno
-from ufs.iomap import DioOps, IoMap, IomapOps, Iocb, Kiocb, MapType
+from ufs.errors import DeadlockError
+from ufs.iomap import DioOps, IomapOps, Iocb, Kiocb, MapType
 
 
 class NoReentryLock:

@@ -296,7 +296,7 @@ def test_direct_many_bios_in_flight(image, backend):
             assert bytes(dst) == bytes(src)
             # next round writes other data over the same blocks
             memoryview(src)[:] = rng.randbytes(n * 4096)
-        for i, b in enumerate(blocks[:8]):
+        for _i, b in enumerate(blocks[:8]):
             assert dev.pread(4096, b * 4096) != bytes(4096)
 
 

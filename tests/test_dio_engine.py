@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import tempfile
 import threading
 
 import pytest
@@ -778,7 +776,6 @@ def test_batch_issue_reports_every_outcome_through_ki_complete(host):
 
 
 def _direct_device(tmp_path, size):
-    open_device = getattr(cdio, "_open_device_for_tests", None)
     from ufs.iomap import bdev
     if not hasattr(bdev, "open_device"):
         pytest.skip("open_device not available yet")

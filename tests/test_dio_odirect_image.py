@@ -109,7 +109,7 @@ def image_devs(request):
         pytest.skip(why)
     paths, devs = [], []
     try:
-        for i in range(2):
+        for _i in range(2):
             fd, p = tempfile.mkstemp(prefix="ufs-dio-diff-", suffix=".img", dir=d)
             os.close(fd)
             paths.append(p)
@@ -162,7 +162,7 @@ def test_many_async_in_flight_on_image(image_devs):
         assert w == [("ok", bs)] * len(writes), (rig.name, w)
         hs = [rig.start(op) for op in reads]
         r = [rig.finish(h) for h in hs]
-        for op, wop, (res, data, _) in zip(reads, writes, r):
+        for _op, wop, (res, data, _) in zip(reads, writes, r):
             assert res == ("ok", bs) and data == wop.data().replace(b"\xaa", b"\xab"), rig.name
         summary.append((w, [x[0] for x in r], rig.inode.i_size, rig.inode.i_dio_count))
         QUEUED[rig.name] = QUEUED.get(rig.name, 0) + rig.queued
@@ -194,7 +194,7 @@ def loop_devs(request):
     sector = request.param
     paths, loops, devs = [], [], []
     try:
-        for i in range(2):
+        for _i in range(2):
             fd, p = tempfile.mkstemp(prefix="ufs-dio-loop-", suffix=".img", dir=d)
             os.close(fd)
             paths.append(p)

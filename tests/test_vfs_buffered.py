@@ -466,7 +466,7 @@ def test_concurrent_writers_readers_writeback_under_lockdep():
 
     def writer(i):
         try:
-            for r in range(6):
+            for _r in range(6):
                 k = e.file.kiocb(i * chunk, write=True)
                 assert generic_file_write(k, patterns[i], ops) == chunk
         except BaseException as x:  # noqa: BLE001

@@ -14,7 +14,8 @@ that every hook here has a ``test_hook_<name>`` test and a documentation entry.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from pluggy import HookimplMarker, HookspecMarker
 

@@ -38,7 +38,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import pluggy
 

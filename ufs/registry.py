@@ -24,7 +24,8 @@ import errno as _errno
 import re
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 
 from ufs.errors import FsError, InvalidError, PluginError
 

@@ -291,8 +291,9 @@ def test_crash_leaves_consistent_free_space():
         # everything allocated at the last sync commit is still allocated (not free)
         for s, n in durable_alloc.items():
             if s in allocated:
+                # no free extent may overlap any block of [s, s + n)
                 agno, agbno = md2.alloc.ag_of(s)
-                rec = md2.alloc.ags[agno].bno.lookup_le(agbno)
+                rec = md2.alloc.ags[agno].bno.lookup_le(agbno + n - 1)
                 assert rec is None or rec[0] + rec[1] <= agbno
 
 

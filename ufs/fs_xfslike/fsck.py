@@ -21,8 +21,9 @@ What is checked, in order (each problem is one line naming what and where):
    AGFL, tree nodes, inode chunks), or owned by one inode (data, bmbt/dirbt nodes, xattr).
 
 Repairs (``repair=True``) that lose nothing provably good: leaked blocks go back to free space;
-blocks both in use and free are taken out of free space; wrong link counts are set to the counted value; unreferenced inodes with no links (lost
-orphans) are freed; directory entries naming free inodes are removed.
+blocks both in use and free are taken out of free space; wrong link counts are set to the
+counted value; unreferenced inodes with no links (lost orphans) are freed; directory entries
+naming free inodes are removed.
 """
 from __future__ import annotations
 
@@ -259,7 +260,7 @@ class _Checker:
                     self.used.append((b, 1, f"inode {ino} dirbt"))
                 nblocks += len(d.tree_blocks())
             n = 0
-            for name, child, ftype, _c in d.iterate(0):
+            for name, child, _ftype, _c in d.iterate(0):
                 n += 1
                 if child not in self.inodes:
                     self.err(f"directory {ino}: entry {name!r} names free inode {child}")

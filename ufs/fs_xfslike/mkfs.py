@@ -9,7 +9,8 @@ a first mount -- the root directory's inode chunk and inode and ``sb.root_ino``;
 unmount leaves the log empty and the superblock CLEAN.
 
 mount: ``Metadata.open`` (verifies the superblock, replays the journal, marks it mounted; a
-read-only mount does this on an in-memory overlay so nothing is written), then ``XfsSuper`` (which frees the inodes left on the unlinked list).  No locks of its own.
+read-only mount does this on an in-memory overlay so nothing is written), then ``XfsSuper``
+(which frees the inodes left on the unlinked list).  No locks of its own.
 """
 from __future__ import annotations
 

@@ -472,7 +472,7 @@ class XfsInodeOps(InodeOperations):
             if di.data_format == fmt.FMT_INLINE:
                 return os.fsdecode(bytes(di.fork[:di.inline_len]))
             out = bytearray()
-            for off, dev_blk, n, _f in fs.bmap(inode).ext:
+            for _off, dev_blk, n, _f in fs.bmap(inode).ext:
                 for i in range(n):
                     out += fs.md.cache.read(dev_blk + i, None).data
             return os.fsdecode(bytes(out[:inode.i_size]))

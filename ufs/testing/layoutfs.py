@@ -9,8 +9,9 @@ ops that expose it to the DIO engines:
   that flag, so engines fail the call with EIO), fail with an errno at/after a position,
   return ENOTBLK at/after a position (mappings are cut there so the bytes before it are done
   first), an iomap_end that fails with an errno (which must count only for a mapping that
-  made no progress, sem §2.6), and an ``on_begin`` hook for tests that need to pause a dio.  Writes into holes allocate **UNWRITTEN + NEW** extents (xfs style) from a
-  bump allocator; write mappings that reach past i_size carry ``DIRTY`` (sem §3.10).
+  made no progress, sem §2.6), and an ``on_begin`` hook for tests that need to pause a dio.
+  Writes into holes allocate **UNWRITTEN + NEW** extents (xfs style) from a bump allocator;
+  write mappings that reach past i_size carry ``DIRTY`` (sem §3.10).
 - ``LayoutDioOps.end_io``: converts the written part of unwritten extents to MAPPED, then
   moves i_size, forward only (xfs_dio_write_end_io order: conversion before size).
 - ``LayoutFileOps.fsync``: flushes the device; with ``takes_i_rwsem=True`` it takes
@@ -58,7 +59,7 @@ class Extent:
     def end(self) -> int:
         return self.offset + self.length
 
-    def copy(self) -> "Extent":
+    def copy(self) -> Extent:
         return Extent(self.offset, self.length, self.type, self.flags, self.addr,
                       None if self.data is None else bytearray(self.data))
 

@@ -209,7 +209,7 @@ def iomap_iterate(inode, pos, length, flags, ops, body, *, private=None, trace=N
     return _run(_Iter(inode, pos, length, flags, ops, private), body, trace)
 
 
-def _run(it: "_Iter", body, trace) -> int:
+def _run(it: _Iter, body, trace) -> int:
     while True:
         r = it.next(trace)
         if r <= 0:
@@ -698,7 +698,7 @@ def dio_start(iocb, iter, ops, dops=None, dio_flags=0, private=None, done_before
                 raise NotBlockError("page cache invalidation failed; use buffered I/O") from e
         if not wait:
             # The superblock creates its completion workqueue on first use.
-            inode.i_sb.s_dio_done_wq
+            _ = inode.i_sb.s_dio_done_wq
 
     dio._t("inode_dio_begin")
     inode.inode_dio_begin()
