@@ -322,7 +322,7 @@ def test_o_append_dio_sizes_from_threads():
 
         def appender(t):
             try:
-                for i in range(8):
+                for _i in range(8):
                     assert fs.write(fd, bytes([65 + t]) * BS) == BS
             except BaseException as e:      # noqa: BLE001
                 errs.append(e)

@@ -41,7 +41,7 @@ def test_spec_tables_match_layouts():
         spec = [(o, s, f) for o, s, f, _ in tables[name]]
         code = [(o, s, f) for f, o, s, _ in layout.fields]
         assert spec == code, f"SPEC.md table {name} differs from format.py"
-        for (o, s, f, typ), (_, _, _, sfmt) in zip(tables[name], layout.fields):
+        for (_o, s, f, typ), (_, _, _, sfmt) in zip(tables[name], layout.fields):
             if typ in _TYPE_SIZES:
                 assert _TYPE_SIZES[typ] == s, f"{name}.{f}: type {typ} vs size {s}"
                 assert sfmt in ("B", "H", "I", "Q", "q")
@@ -113,7 +113,7 @@ def test_superblock_rejects_bad_fields_even_with_good_crc():
         vals = dict(zip(fmt.SUPERBLOCK.names, [0, 1, fmt.SB_MAGIC, 65536, FSID, sb.generation,
                                                sb.root, sb.total_bytes, sb.bytes_used,
                                                sb.sectorsize, sb.nodesize, sb.root_level,
-                                               b"\0" * 3, 0]))
+                                               b"\0" * 3, 0, 0, 0]))
         body[:fmt.SUPERBLOCK.size] = fmt.SUPERBLOCK.pack(*vals.values())
         struct.pack_into("<I", body, 0, fmt.crc32c(bytes(body[4:])))
         with pytest.raises(CorruptError):
@@ -156,7 +156,8 @@ def _resign(buf):
 def test_node_corruption_reports_address():
     raw = fmt.encode_node(FSID, 1024, 0x30000, 3, 5, 0, [(1, 1, 0), (2, 1, 0)], [b"a", b"bb"])
     cases = []
-    flipped = bytearray(raw); flipped[600] ^= 0x10
+    flipped = bytearray(raw)
+    flipped[600] ^= 0x10
     cases.append((bytes(flipped), "checksum"))
     swapped = bytearray(raw)             # keys out of order (re-signed, so only order is wrong)
     struct.pack_into("<Q", swapped, 56, 9)

@@ -123,7 +123,7 @@ def test_snapshot_shares_then_cow_splits_refs_and_delete_returns_space():
     meta_before = tm.sb.bytes_used - base - data_bytes
     assert tm.check() == []
     t = tm.start()
-    snap = tm.snapshot(t, FS, 300)
+    tm.snapshot(t, FS, 300)
     assert tm.extents.refs(fs.root_bytenr) == 2
     tm.commit()
     assert tm.check() == []
@@ -150,7 +150,7 @@ def test_snapshot_shares_then_cow_splits_refs_and_delete_returns_space():
     assert data_used(tm) == data_bytes - 4096
     assert tm.sb.bytes_used == data_used(tm) + tm_meta_used(tm)
     t = tm.start()
-    for k, fe in file_extents(fs):
+    for k, _fe in file_extents(fs):
         drop_extent(tm, t, fs, k[0], k[2])
     tm.commit()
     assert tm.check() == [] and tm.sb.bytes_used == base

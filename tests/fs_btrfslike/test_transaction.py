@@ -110,13 +110,13 @@ def test_crash_images_hold_last_or_previous_generation(seed):
         def hook(kind):
             # Before this operation: the image a power cut would leave now.
             if rng.random() < 0.35:
-                images.append((ram.crash(seed=rng.randrange(2**32)), bool(sb_written)))
+                images.append((ram.crash(seed=rng.randrange(2**32)), bool(sb_written)))  # noqa: B023
 
         def note_sb(orig=dev.pwrite):
             def pwrite(buf, addr, *, fua=False):
                 r = orig(buf, addr, fua=fua)
                 if fua and len(buf) == fmt.SB_SIZE:
-                    sb_written.append(addr)
+                    sb_written.append(addr)  # noqa: B023
                 return r
             return pwrite
         dev.pwrite = note_sb()
@@ -152,7 +152,7 @@ def test_every_prefix_of_the_write_sequence_mounts_consistently():
     gen = min(models)
     writes = [e for e in dev.log if e[0] == "w"]
     mounted = 0
-    for i, (_, addr, data, fua) in enumerate(writes):
+    for i, (_, addr, data, _fua) in enumerate(writes):
         g = sb_generation(writes[i])
         # Torn: only the start of this write reached the media.  Nodes tear at a sector
         # boundary; a superblock (whose fields all sit in its first sector) inside its first
@@ -271,7 +271,7 @@ def test_failed_commit_aborts_and_leaves_a_whole_generation(fail_at):
     if fail_at == "first_write":
         dev.fail_after = 0
     else:
-        def hook(kind, seen=[]):
+        def hook(kind, seen=[]):  # noqa: B006 - the list is the state across calls
             seen.append(kind)
             if kind == "flush":
                 # after the flush: every superblock copy but the last may be written

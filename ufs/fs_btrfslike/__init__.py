@@ -15,6 +15,10 @@ Modules, bottom-up (each imports only the ones above it):
 - ``transaction`` ``TransactionManager``: mkfs, mount (newest valid superblock), start/commit
                   (nodes, flush, superblocks with FUA), deferred reuse of freed blocks, the
                   tree of trees (create, snapshot, delete) and the metadata fsck (``check``).
+- ``tree_log``    the fsync log: ``TreeLog`` (log areas and records, named by each
+                  superblock for the next transaction; used by ``transaction``), fsync of one
+                  inode as one log record (``sync_inode``) and mount-time ``replay``; its
+                  inode-level helpers are imported lazily from ``inode``.
 
 Later modules (inodes, directories, file extents, checksums, DIO) build on these.
 """

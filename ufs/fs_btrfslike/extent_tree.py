@@ -180,6 +180,7 @@ class ExtentTree:
         self.free = FreeSpace()
         self.pending = {}
         self.pinned = []
+        self.pinned_bytes = 0          # sum of the pinned lengths
         self.nodesize = fs.nodesize
         self.sectorsize = fs.sectorsize
         # fn(bytenr, num_bytes): a data extent lost its last reference (the layer above drops
@@ -192,6 +193,11 @@ class ExtentTree:
         # or at ``unpin`` (committed ones).
         self.data_reuse_gate = None
         self._pinned_data = set()
+        # Data extents allocated in the running transaction that a durable fsync log record
+        # references (tree_log.py): freeing one pins it like a committed extent, since a
+        # replay after a crash would point a file at it again.  Cleared when the commit that
+        # ends the log is durable.
+        self.log_pinned = set()
 
     # ------------------------------------------------------------------ free space
 
@@ -224,6 +230,7 @@ class ExtentTree:
             else:
                 self.free.add(a, ln)
         self.pinned = []
+        self.pinned_bytes = 0
         self._pinned_data.clear()
 
     # ------------------------------------------------------------------ committed state
@@ -242,7 +249,7 @@ class ExtentTree:
         if found is None:
             return {}
         refs = dict(found[1].data_refs)
-        for key, data in self.btree.items((bytenr, EXTENT_DATA_REF, 0), (bytenr, EXTENT_DATA_REF + 1, 0)):
+        for _key, data in self.btree.items((bytenr, EXTENT_DATA_REF, 0), (bytenr, EXTENT_DATA_REF + 1, 0)):
             for r, c in fmt.decode_extent_data_refs(data, f"extent data ref {bytenr:#x}").items():
                 refs[r] = refs.get(r, 0) + c
         return refs
@@ -308,7 +315,11 @@ class ExtentTree:
     def _release(self, bytenr, d):
         if not d.tree_block and self.on_data_freed is not None:
             self.on_data_freed(bytenr, d.num_bytes)
-        if d.new:
+        if d.new and bytenr in self.log_pinned:
+            # never committed, but a log record points here: keep it until the commit
+            del self.pending[bytenr]
+            self.pin(bytenr, d.num_bytes, data=True)
+        elif d.new:
             # Never committed: nothing durable points here; reusable now.
             del self.pending[bytenr]
             if not d.tree_block and self.data_reuse_gate is not None:
@@ -317,9 +328,14 @@ class ExtentTree:
                 self.free.add(bytenr, d.num_bytes)
         else:
             d.freed = True
-            self.pinned.append((bytenr, d.num_bytes))
-            if not d.tree_block:
-                self._pinned_data.add(bytenr)
+            self.pin(bytenr, d.num_bytes, data=not d.tree_block)
+
+    def pin(self, bytenr, num_bytes, data=False):
+        """Keep ``[bytenr, +num_bytes)`` from reuse until ``unpin`` (the next commit)."""
+        self.pinned.append((bytenr, num_bytes))
+        self.pinned_bytes += num_bytes
+        if data:
+            self._pinned_data.add(bytenr)
 
     # ------------------------------------------------------------------ data extents
 
@@ -331,6 +347,28 @@ class ExtentTree:
         self.pending[addr] = DelayedRef(num_bytes, False, new=True, refs=0,
                                         generation=trans.transid)
         return addr
+
+    def claim_data(self, trans, bytenr, num_bytes):
+        """Log replay: the data extent ``[bytenr, +num_bytes)`` a log record references.  A
+        committed (or already claimed) extent is left alone; otherwise its space, which must
+        be free, becomes a reservation of this transaction (0 references yet)."""
+        d = self.pending.get(bytenr)
+        if d is not None:
+            if d.tree_block or d.num_bytes != num_bytes or d.freed:
+                raise CorruptError("log", f"{bytenr:#x}", "data extent conflicts with another")
+            return
+        found = self.lookup(bytenr)
+        if found is not None:
+            if found[0] != num_bytes or found[1].is_tree_block:
+                raise CorruptError("log", f"{bytenr:#x}", "data extent size differs from the "
+                                   "extent tree")
+            return
+        if not self.free.contains(bytenr, num_bytes):
+            raise CorruptError("log", f"{bytenr:#x}+{num_bytes}", "data extent overlaps "
+                               "allocated space")
+        self.free.remove(bytenr, num_bytes)
+        self.pending[bytenr] = DelayedRef(num_bytes, False, new=True, refs=0,
+                                          generation=trans.transid)
 
     def release_data(self, trans, bytenr):
         """Give back a reservation that never got a reference."""

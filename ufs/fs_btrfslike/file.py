@@ -10,7 +10,9 @@ Design (sem §4.3/§4.4, the seed patch):
   skips the sync that must commit it) and raises ``i_size`` there, as btrfs does.  ``end_io``
   inserts the file extent items (``drop_extents`` + ``add_extent``) and the checksums, and
   records the new on-disk size; on error it gives the reservations back and undoes the
-  ``i_size`` it raised.
+  ``i_size`` it raised.  A full device with space pinned by this transaction (freed extents
+  come back only with a commit, and fsyncs write the log instead of committing) commits and
+  retries before shrinking the request or failing with ENOSPC.
 - Checksums: writes of checksummed inodes use ``DioFlag.BOUNCE`` (the device gets a stable
   copy) and checksum each bio in ``submit_io`` from ``bio.data`` (that copy), so a caller
   changing its buffer mid-write cannot create a mismatch.  Reads of checksummed inodes go
@@ -25,9 +27,12 @@ Design (sem §4.3/§4.4, the seed patch):
   without); ``marker`` completes under ``i_rwsem`` with a per-task marker (a ContextVar naming
   the inode) that tells fsync the lock is already held by this task (btrfs cd9253c23aed).
 - ``fsync`` takes ``i_rwsem`` exclusive (unless the marker says this task holds it) and
-  ``i_mmap_lock`` shared, then commits the whole transaction (a full commit is our first
-  step; btrfs would write a log tree).  With nothing to commit it still flushes the device
-  cache (NODATACOW overwrites change no metadata).
+  ``i_mmap_lock`` shared, builds one fsync log record for the inode (``tree_log``), drops both
+  locks (the marker's ``i_rwsem`` stays with its task) and writes the record (a cache flush,
+  then the record with FUA; or, checksummed, the record then one flush); it falls back to a
+  full transaction commit, under the locks, for the cases the log does not cover
+  (``tree_log.FALLBACK_REASONS``).  With nothing to log it still
+  flushes the device cache (NODATACOW overwrites change no metadata).
 
 Locks: ``inode.i_rwsem`` (VFS) → ``inode.i_mmap_lock`` → ``tm.lock``.  ``tm.lock`` is held only
 around metadata work in iomap_begin/end_io, never across data I/O.
@@ -64,6 +69,7 @@ from ufs.vfs.ops import (
     FileOperations,
 )
 
+from . import tree_log
 from .format import FILE_EXTENT_REG, U64_MAX
 from .inode import add_extent, drop_extents, extent_items, extent_len, new_reg_extent
 
@@ -208,6 +214,12 @@ class BtrfsFileOps(FileOperations):
                     addr = tm.extents.alloc_data(trans, n)
                     break
                 except NoSpaceError:
+                    if tm.extents.pinned_bytes >= n:
+                        # space freed in this transaction (overwrites: copy-on-write; fsyncs
+                        # write the log, not commits) comes back with a commit
+                        tm.commit()
+                        trans = tm.start()
+                        continue
                     if n <= ss:
                         raise
                     n = max(ss, n // 2 // ss * ss)
@@ -527,16 +539,27 @@ class BtrfsFileOps(FileOperations):
             inode.i_rwsem.down_write()
         try:
             inode.i_mmap_lock.down_read()
-            try:
-                gen = self.tm.generation
-                self.sb.commit()
-                if self.tm.generation == gen:
-                    self.sb.dev.flush()      # in-place (NODATACOW) data, no metadata
-            finally:
-                inode.i_mmap_lock.up_read()
-        finally:
+        except BaseException:
             if not skip_ilock:
                 inode.i_rwsem.up_write()
+            raise
+        held = True
+
+        def unlock():
+            # as btrfs: the inode locks keep the inode still while its log record is built;
+            # the record's device I/O (or the cache flush) runs without them
+            nonlocal held
+            if held:
+                held = False
+                inode.i_mmap_lock.up_read()
+                if not skip_ilock:
+                    inode.i_rwsem.up_write()
+        try:
+            # one log record (flush + FUA write, or write + flush) or, for the cases the log
+            # does not cover, a full commit (tree_log.py)
+            tree_log.sync_inode(self.sb, inode, unlock)
+        finally:
+            unlock()
 
     # -- truncate / fallocate ----------------------------------------------------------------------
     def truncate_locked(self, inode, size):

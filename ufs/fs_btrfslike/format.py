@@ -202,7 +202,7 @@ SUPERBLOCK = Layout("superblock", [
     ("csum", "I"), ("csum_type", "I"), ("magic", "8s"), ("bytenr", "Q"), ("fsid", "16s"),
     ("generation", "Q"), ("root", "Q"), ("total_bytes", "Q"), ("bytes_used", "Q"),
     ("sectorsize", "I"), ("nodesize", "I"), ("root_level", "B"), ("reserved0", "3s"),
-    ("flags", "I"),
+    ("flags", "I"), ("log_root", "Q"), ("log_id", "Q"),
 ])
 NODE_HEADER = Layout("node_header", [
     ("csum", "I"), ("fsid", "16s"), ("bytenr", "Q"), ("generation", "Q"), ("owner", "Q"),
@@ -248,6 +248,15 @@ EXTENT_DATA_REF_L = Layout("extent_data_ref", [
 ])
 CSUM_L = Layout("csum_entry", [("crc32c", "I")])
 PROBE_LABEL_L = Layout("probe_label", [("magic", "8s"), ("fsid", "16s"), ("reserved", "8s")])
+LOG_HEADER_L = Layout("log_header", [
+    ("csum", "I"), ("length", "I"), ("magic", "8s"), ("fsid", "16s"), ("log_id", "Q"),
+    ("transid", "Q"), ("bytenr", "Q"), ("seq", "Q"), ("next", "Q"), ("nritems", "I"),
+    ("flags", "I"),
+])
+LOG_ENTRY_L = Layout("log_entry", [
+    ("op", "B"), ("key_type", "B"), ("reserved", "2s"), ("data_len", "I"), ("tree", "Q"),
+    ("objectid", "Q"), ("offset", "Q"), ("end", "Q"),
+])
 
 PROBE_LABEL_ADDR = 60 * 1024        # inside the first 64 KiB the registry probes (SPEC.md §2)
 
@@ -260,7 +269,7 @@ LAYOUTS = {l.name: l for l in (
     SUPERBLOCK, NODE_HEADER, LEAF_ITEM, KEY_PTR, ROOT_ITEM_L, ROOT_REF_L, INODE_ITEM_L,
     INODE_REF_L, DIR_ENTRY_L, FILE_EXTENT_HEAD_L, FILE_EXTENT_DISK_L, EXTENT_ITEM_L,
     TREE_BLOCK_INFO_L, INLINE_TREE_BLOCK_REF_L, INLINE_DATA_REF_L, EXTENT_DATA_REF_L, CSUM_L,
-    PROBE_LABEL_L,
+    PROBE_LABEL_L, LOG_HEADER_L, LOG_ENTRY_L,
 )}
 
 HEADER_SIZE = NODE_HEADER.size      # 56
@@ -325,6 +334,8 @@ class DiskSuperblock:
     nodesize: int
     flags: int = 0
     bytenr: int = SB_PRIMARY_ADDR   # address of the copy this record was read from / is for
+    log_root: int = 0               # first log record of the log for generation + 1; 0 = none
+    log_id: int = 0                 # random id every record of that log repeats
 
     def encode(self, bytenr=None):
         """The 4096-byte image of the copy at ``bytenr`` (default ``self.bytenr``)."""
@@ -332,7 +343,8 @@ class DiskSuperblock:
         self.check(bytenr, InvariantError)
         body = SUPERBLOCK.pack(0, CSUM_TYPE_CRC32C, SB_MAGIC, bytenr, self.fsid, self.generation,
                                self.root, self.total_bytes, self.bytes_used, self.sectorsize,
-                               self.nodesize, self.root_level, b"\0" * 3, self.flags)
+                               self.nodesize, self.root_level, b"\0" * 3, self.flags,
+                               self.log_root, self.log_id)
         buf = bytearray(SB_SIZE)
         buf[:len(body)] = body
         struct.pack_into("<I", buf, 0, crc32c(memoryview(buf)[4:]))
@@ -362,6 +374,9 @@ class DiskSuperblock:
             raise bad(f"unknown flags {self.flags:#x}")
         if len(self.fsid) != 16:
             raise bad("fsid is not 16 bytes")
+        if self.log_root and (self.log_root % self.sectorsize or self.log_root < RESERVED_HEAD
+                              or self.log_root + self.sectorsize > self.total_bytes):
+            raise bad(f"log_root {self.log_root:#x} outside the device or misaligned")
 
     @classmethod
     def decode(cls, buf, where):
@@ -370,7 +385,7 @@ class DiskSuperblock:
             raise _corrupt("superblock", where, f"short read ({len(buf)} bytes)")
         buf = memoryview(buf)[:SB_SIZE]
         (csum, csum_type, magic, bytenr, fsid, gen, root, total, used, sectorsize, nodesize,
-         level, reserved0, flags) = SUPERBLOCK.unpack_from(buf)
+         level, reserved0, flags, log_root, log_id) = SUPERBLOCK.unpack_from(buf)
         if magic != SB_MAGIC:
             raise _corrupt("superblock", where, f"bad magic {magic!r}")
         if csum_type != CSUM_TYPE_CRC32C:
@@ -383,7 +398,7 @@ class DiskSuperblock:
             raise _corrupt("superblock", where, "reserved bytes not zero")
         sb = cls(fsid=bytes(fsid), generation=gen, root=root, root_level=level, total_bytes=total,
                  bytes_used=used, sectorsize=sectorsize, nodesize=nodesize, flags=flags,
-                 bytenr=bytenr)
+                 bytenr=bytenr, log_root=log_root, log_id=log_id)
         sb.check(where)
         return sb
 
@@ -859,3 +874,114 @@ def name_hash(name):
 def extent_data_ref_hash(root, objectid, offset):
     """EXTENT_DATA_REF key offset: crc32c of the 24 little-endian bytes root|objectid|offset."""
     return crc32c(struct.pack("<QQQ", root, objectid, offset))
+
+
+# ---------------------------------------------------------------------------------------------
+# Log records (the fsync log, SPEC.md section 10)
+
+LOG_MAGIC = b"UFSBTLG1"
+LOG_RECORD_MAX = 16 << 20           # bytes; a longer record is rejected (fsync commits instead)
+LOG_INODE, LOG_DROP, LOG_EXTENT, LOG_CSUM, LOG_DEL_TYPE, LOG_PUT, LOG_NAME = range(1, 8)
+LOG_OPS = frozenset(range(1, 8))
+# log_header.flags: written without a cache flush before it; replay verifies every LOG_CSUM
+# entry against the device, and a mismatch ends the chain (SPEC.md section 10)
+LOG_VERIFY_DATA = 1 << 0
+
+
+@dataclass
+class LogEntry:
+    op: int
+    key_type: int
+    tree: int
+    objectid: int
+    offset: int
+    end: int
+    data: bytes
+
+
+@dataclass
+class DiskLogRecord:
+    """One log record: a header (``log_header``) and ``entries``, padded with zeros to
+    ``length`` (a multiple of the sector size)."""
+    fsid: bytes
+    log_id: int
+    transid: int
+    bytenr: int
+    seq: int
+    next: int
+    entries: list = field(default_factory=list)
+    flags: int = 0
+
+    @staticmethod
+    def body_size(entries):
+        return LOG_HEADER_L.size + sum(LOG_ENTRY_L.size + len(e.data) for e in entries)
+
+    def encode(self, sectorsize):
+        parts = [b""]
+        pack = LOG_ENTRY_L.struct.pack
+        for e in self.entries:
+            if e.op not in LOG_OPS:
+                raise InvariantError(f"log entry op {e.op}")
+            parts.append(pack(e.op, e.key_type, b"\0\0", len(e.data), e.tree, e.objectid,
+                              e.offset, e.end))
+            parts.append(e.data)
+        used = LOG_HEADER_L.size + sum(map(len, parts))
+        length = -(-used // sectorsize) * sectorsize
+        if length > LOG_RECORD_MAX:
+            raise InvariantError(f"log record of {length} bytes")
+        parts[0] = LOG_HEADER_L.pack(0, length, LOG_MAGIC, self.fsid, self.log_id, self.transid,
+                                     self.bytenr, self.seq, self.next, len(self.entries),
+                                     self.flags)
+        parts.append(bytes(length - used))
+        buf = bytearray(b"".join(parts))
+        struct.pack_into("<I", buf, 0, crc32c(memoryview(buf)[4:]))
+        return buf
+
+    @staticmethod
+    def decode_header(buf, where, *, fsid, log_id, transid, seq, sectorsize):
+        """``length`` of the record whose first sector is ``buf`` (read at ``where``), after
+        checking every header field that does not need the rest of the record."""
+        if len(buf) < LOG_HEADER_L.size:
+            raise _corrupt("log record", where, "short read")
+        (_c, length, magic, rfsid, rid, rtrans, bytenr, rseq, _n, _cnt,
+         flags) = LOG_HEADER_L.unpack_from(buf)
+        if magic != LOG_MAGIC:
+            raise _corrupt("log record", where, "bad magic")
+        if rfsid != fsid or rid != log_id or rtrans != transid:
+            raise _corrupt("log record", where, "another log (fsid, log_id or transid)")
+        if bytenr != where or rseq != seq:
+            raise _corrupt("log record", where, f"address {bytenr:#x} / seq {rseq}, expected "
+                                                 f"seq {seq}")
+        if length < sectorsize or length % sectorsize or length > LOG_RECORD_MAX \
+                or flags & ~LOG_VERIFY_DATA:
+            raise _corrupt("log record", where, f"bad length {length} or flags {flags:#x}")
+        return length
+
+    @classmethod
+    def decode(cls, buf, where, *, fsid, log_id, transid, seq, sectorsize):
+        length = cls.decode_header(buf, where, fsid=fsid, log_id=log_id, transid=transid,
+                                   seq=seq, sectorsize=sectorsize)
+        if len(buf) < length:
+            raise _corrupt("log record", where, "short read")
+        buf = memoryview(buf)[:length]
+        if crc32c(buf[4:]) != struct.unpack_from("<I", buf)[0]:
+            raise _corrupt("log record", where, "checksum mismatch")
+        (_c, _l, _m, _f, _i, _t, _b, _s, nxt, count, flags) = LOG_HEADER_L.unpack_from(buf)
+        pos, entries = LOG_HEADER_L.size, []
+        esz = LOG_ENTRY_L.size
+        for _ in range(count):
+            if pos + esz > length:
+                raise _corrupt("log record", where, "entries past the record")
+            op, kt, res, dlen, tree, oid, off, end = LOG_ENTRY_L.unpack_from(buf, pos)
+            pos += esz
+            if op not in LOG_OPS or res != b"\0\0" or pos + dlen > length:
+                raise _corrupt("log record", where, f"bad entry at {pos - esz}")
+            entries.append(LogEntry(op, kt, tree, oid, off, end, bytes(buf[pos:pos + dlen])))
+            pos += dlen
+        if any(buf[pos:]):
+            raise _corrupt("log record", where, "padding not zero")
+        rec = cls(bytes(_f), _i, _t, _b, _s, nxt, entries, flags)
+        return rec, length
+
+
+__all__ += ["DiskLogRecord", "LogEntry"]

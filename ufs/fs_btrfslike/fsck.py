@@ -14,7 +14,9 @@ Checks, in order (each problem is one line naming what and where):
    extent items do not overlap and belong to existing inodes.  Inodes with ``nlink == 0``
    (unlinked while open, then a crash) are reported in ``stats["orphans"]``, not as errors:
    mount frees them (``repair`` does exactly that).
-3. The csum tree against the data: every checksummed sector lies inside a data extent and
+3. The fsync log: ``stats["log_records"]`` is the number of records mount would replay (the
+   log itself is not an error: mount replays it); ``log_root`` must not lie inside an extent.
+4. The csum tree against the data: every checksummed sector lies inside a data extent and
    its CRC-32C matches the device (a mismatch is reported as a ``CorruptError`` message with
    the device address); every sector referenced by a checksummed inode's file extent item
    has a checksum.
@@ -28,6 +30,7 @@ from ufs.iomap.csum import block_csums
 from ufs.vfs.ops import FsckReport
 
 from . import format as fmt
+from . import tree_log
 from .csum_tree import CsumTree
 from .format import (
     DIR_INDEX,
@@ -156,6 +159,14 @@ def check_fs(tm, device):
     stats = {"generation": tm.generation, "bytes_used": tm.sb.bytes_used}
     if problems:
         return problems, stats
+    # the fsync log (SPEC.md section 10): records mount would replay; the log area must be
+    # free space in the committed generation
+    stats["log_records"] = len(tree_log.read_log(tm))
+    lr = tm.sb.log_root
+    if lr:
+        hit = tm.extents.btree.prev_item((lr, EXTENT_ITEM, fmt.U64_MAX))
+        if hit is not None and hit[0][1] == EXTENT_ITEM and hit[0][0] + hit[0][2] > lr:
+            problems.append(f"superblock log_root {lr:#x} lies inside extent {hit[0][0]:#x}")
     ss = tm.sectorsize
     sum_ranges = []
     for tid in tm.tree_ids():

@@ -90,6 +90,13 @@ class BtrfsInode(Inode):
         self.i_atime_ns, self.i_ctime_ns = _ns(item.atime), _ns(item.ctime)
         self.i_mtime_ns, self.otime_ns = _ns(item.mtime), _ns(item.otime)
         self.next_index = None          # directories: next DIR_INDEX index (lazy)
+        # fsync log bookkeeping (tree_log.py): file extent ranges changed in transaction
+        # ``log_trans`` since the inode was last logged; the transaction of the last change of
+        # one of its names (link/unlink/rename) and, for a directory, of the last entry
+        # removed from it; ``(transid, sequence)`` of the last log record written for it.
+        self.log_trans, self.log_ranges = None, []
+        self.ns_trans = self.rm_trans = 0
+        self.logged = None
 
     @property
     def i_blocks(self):
@@ -137,9 +144,34 @@ def extent_items(tree, oid, start, end):
     return out
 
 
+LOG_RANGES_MAX = 4096       # ranges kept per inode before they are merged (memory bound)
+
+
+def _note_range(inode, trans, start, end):
+    """Record for the fsync log that the items of ``[start, end)`` changed in ``trans``.
+    Over ``LOG_RANGES_MAX`` ranges they are merged, at worst into one covering range: logging
+    more than changed is still exact (the log drops a range and re-adds its items)."""
+    if inode.log_trans != trans.transid:
+        inode.log_trans = trans.transid
+        inode.log_ranges = []
+    r = inode.log_ranges
+    r.append((start, end))
+    if len(r) > LOG_RANGES_MAX:
+        merged = []
+        for s, e in sorted(r):
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+            else:
+                merged.append((s, e))
+        if len(merged) > LOG_RANGES_MAX // 2:
+            merged = [(merged[0][0], max(e for _s, e in merged))]
+        inode.log_ranges = merged
+
+
 def add_extent(tm, trans, tree, inode, pos, fe):
     """Insert a file extent item and take its data reference (the item counts once)."""
     tree.insert(trans, (inode.objectid, EXTENT_DATA, pos), fe.encode())
+    _note_range(inode, trans, pos, pos + extent_len(fe))
     if fe.type != FILE_EXTENT_INLINE and fe.disk_bytenr:
         tm.extents.inc_data_ref(trans, fe.disk_bytenr, fe.disk_num_bytes, tree.tree_id,
                                 inode.objectid, backref_offset(pos, fe))
@@ -152,6 +184,7 @@ def drop_extents(tm, trans, tree, inode, start, end):
     bytes unmapped."""
     oid = inode.objectid
     dropped = 0
+    _note_range(inode, trans, start, end)
     for pos, fe in extent_items(tree, oid, start, end):
         fend = pos + extent_len(fe)
         tree.delete(trans, (oid, EXTENT_DATA, pos))

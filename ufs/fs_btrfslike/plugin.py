@@ -7,7 +7,8 @@ Layer: personality (plugin entry).  Imports ``ufs.hookspecs`` (hookimpl), ``ufs.
 Options (validated by ``ufs.registry.parse_options`` before ``mount`` sees them):
 ``dio_complete`` = ``unlocked`` (default) | ``locked`` | ``marker`` (how an O_DIRECT write is
 completed relative to ``i_rwsem``; see ``file.py``), ``nodatasum``, ``nodatacow`` (defaults for
-new files), ``lockdep`` (turn on lock checking for this mount), and for mkfs ``nodesize``.
+new files), ``lockdep`` (turn on lock checking for this mount), ``notreelog`` (fsync always
+commits, no fsync log), and for mkfs ``nodesize``.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ OPTIONS = {
     "nodatacow": OptionSpec(bool, False, help="new files are overwritten in place (implies "
                                               "nodatasum)"),
     "lockdep": OptionSpec(bool, False, help="check lock order (ufs.vfs.lockdep)"),
+    "notreelog": OptionSpec(bool, False, help="fsync commits the whole transaction instead of "
+                                              "writing an fsync log record (as btrfs)"),
     "nodesize": OptionSpec(_nodesize, 16384, help="mkfs: tree node size in bytes"),
 }
 

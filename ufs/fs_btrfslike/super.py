@@ -17,9 +17,12 @@ What it owns:
   data extents (one more reference each; no data copied).
 
 Transactions: every operation joins the running transaction (``tm.start()``) and leaves it
-open; ``fsync``, ``sync_fs``, unmount, snapshot creation/deletion commit it (there is no
-periodic commit yet).  So a crash loses the operations since the last commit, never
-consistency.
+open; ``sync_fs``, unmount, snapshot creation/deletion commit it (there is no periodic commit
+yet); ``fsync`` writes a record of the fsync log (``tree_log``) or, for what the log does not
+cover, commits.  Mount replays a log left by a crash (and commits) before the orphan cleanup.
+So a crash loses the operations since the last commit that no fsync covered, never
+consistency.  Namespace changes note, for the log, the transaction in which an inode's names
+changed (``ns_trans``) and in which a directory lost an entry (``rm_trans``).
 
 Extent reuse against direct reads: a read maps an extent under ``tm.lock`` and reads it
 without; a concurrent overwrite's completion (``dio_complete=unlocked`` runs it without
@@ -61,6 +64,7 @@ from ufs.vfs.ops import (
 from ufs.vfs.super import Superblock
 
 from . import format as fmt
+from . import tree_log
 from .csum_tree import CsumTree
 from .format import (
     DIR_INDEX,
@@ -113,6 +117,7 @@ class MountOptions:
             raise InvalidError(_errno.EINVAL, f"dio_complete={self.dio_complete!r}")
         self.nodatasum = bool(o.get("nodatasum"))
         self.nodatacow = bool(o.get("nodatacow"))
+        self.notreelog = bool(o.get("notreelog"))
 
 
 def _now():
@@ -154,6 +159,9 @@ class BtrfsSuper(Superblock, SuperOperations):
         self._quarantine = []               # (epoch of the free, bytenr, num_bytes)
         tm.extents.data_reuse_gate = self._data_reuse_gate
         tm.pre_commit_hooks.append(self._pre_commit)
+        # an fsync log left by a crash: replay it (and commit, dropping it) before anything
+        # else allocates space
+        self.log_replayed = tree_log.replay(self, commit=not readonly)
         if not readonly:
             self._orphan_cleanup()
 
@@ -386,6 +394,7 @@ class BtrfsSuper(Superblock, SuperOperations):
             tid = ent[0][0]
             trans = self.start()
             self.iops._del_entry(trans, dir, bname, ent)
+            dir.rm_trans = trans.transid
             root = self.tm.root_tree
             for k in ((dir.tree_id, ROOT_REF, tid), (tid, ROOT_BACKREF, dir.tree_id)):
                 try:
@@ -587,6 +596,7 @@ class BtrfsInodeOps(InodeOperations):
             trans = self.sb.start()
             self._add_entry(trans, dir, os.fsencode(name), (inode.objectid, INODE_ITEM, 0),
                             FT_BY_MODE[_stat.S_IFMT(inode.i_mode)])
+            inode.ns_trans = trans.transid      # its names changed: fsync commits
             inode.i_nlink += 1
             inode.i_ctime_ns = _now()
             self.sb.write_inode(trans, inode)
@@ -602,6 +612,7 @@ class BtrfsInodeOps(InodeOperations):
                 raise from_errno(_errno.EPERM, "a subvolume: use delete_snapshot")
             trans = self.sb.start()
             self._del_entry(trans, dir, bname, found)
+            inode.ns_trans = dir.rm_trans = trans.transid
             if isdir:
                 inode.i_nlink = 0
                 dir.i_nlink -= 1
@@ -627,6 +638,9 @@ class BtrfsInodeOps(InodeOperations):
             fn = self.sb._find_entry(new_dir, bnew)
             src_dir = _stat.S_ISDIR(source.i_mode)
             now = _now()
+            source.ns_trans = old_dir.rm_trans = trans.transid
+            if target is not None:
+                target.ns_trans = new_dir.rm_trans = trans.transid
             if flags & ops.RENAME_EXCHANGE:
                 self._del_entry(trans, old_dir, bold, fo)
                 self._del_entry(trans, new_dir, bnew, fn)
@@ -714,7 +728,7 @@ class BtrfsInodeOps(InodeOperations):
     def listxattr(self, inode):
         with self.tm.lock:
             out = []
-            for k, d in self.tm.tree(inode.tree_id).items(
+            for _k, d in self.tm.tree(inode.tree_id).items(
                     (inode.objectid, XATTR_ITEM, 0), (inode.objectid, XATTR_ITEM + 1, 0)):
                 out += [os.fsdecode(e.name) for e in fmt.decode_dir_entries(d, "xattr", xattr=True)]
             return out

@@ -1,6 +1,7 @@
 """Transactions of btrfslike: mkfs, mount, start/commit, the tree of trees, metadata fsck.
 
-Layer: personality.  Imports ``ufs.errors``, ``.format``, ``.ctree``, ``.extent_tree``.  The
+Layer: personality.  Imports ``ufs.errors``, ``.format``, ``.ctree``, ``.extent_tree``,
+``.tree_log`` (its ``TreeLog``: log space, no VFS).  The
 device is duck-typed (``pread(length, addr)``, ``pwrite(buf, addr, *, fua=False)``,
 ``flush()``, ``size``, ``logical_block_size``), i.e. any ``ufs.iomap.bdev`` device.
 
@@ -10,9 +11,11 @@ Commit protocol (the only way anything reaches the device, data aside):
    then apply the delayed references (which change the extent tree, whose root then moves);
 2. write every dirty node (non-FUA; contiguous nodes coalesced into one write);
 3. ``flush()`` the device: the whole new tree is durable before anything points at it;
-4. write the superblock (generation = transid, root = the root tree's root) to each mirror in
-   turn, each with FUA;
-5. only now return pinned (freed in this transaction) extents to the free-space cache.
+4. write the superblock (generation = transid, root = the root tree's root, ``log_root``/
+   ``log_id`` = a fresh area for the next transaction's fsync log, ``tree_log.TreeLog``) to
+   each mirror in turn, each with FUA; this drops the previous fsync log;
+5. only now return pinned (freed in this transaction) extents, and the dropped log's areas,
+   to the free-space cache.
 A crash before step 4 reaches any copy leaves the previous generation (its blocks were never
 overwritten: step 5); after it, the new one (every node it reaches was flushed in step 3).  A
 copy torn by the crash fails its checksum and mount takes the other copies.
@@ -44,6 +47,7 @@ from ufs.errors import (
 from . import format as fmt
 from .ctree import BTree, NodeCache, leaf_data_refs
 from .extent_tree import ExtentTree, FreeSpace
+from .tree_log import TreeLog
 from .format import (
     CSUM_TREE_ID,
     EXTENT_TREE_ID,
@@ -108,6 +112,7 @@ class TransactionManager:
         self.extents = None
         self.commits = 0
         self.pre_commit_hooks = []      # fn(trans): last changes before the commit (inode layer)
+        self.log = TreeLog(self)        # the fsync log of transaction generation + 1
 
     # ------------------------------------------------------------------ mkfs / mount
 
@@ -192,6 +197,7 @@ class TransactionManager:
         ext.root_node()
         self.extents = ExtentTree(self, ext, self.sb.bytes_used)
         self.extents.rebuild_free_space()
+        self.log.reserve_root()
 
     def _load_tree(self, tree_id):
         raw = self.root_tree.lookup((tree_id, ROOT_ITEM, 0))
@@ -301,6 +307,7 @@ class TransactionManager:
                 self._commit(trans)
             except BaseException:
                 self.aborted = True
+                self.log.abort_commit()
                 trans.running = False
                 self.running = None
                 raise
@@ -355,10 +362,13 @@ class TransactionManager:
             self.dev.pwrite(b"".join(run), run_addr)
         # 3. barrier
         self.dev.flush()
-        # 4. superblocks
+        # 4. superblocks, naming a fresh area for the next transaction's fsync log (so the
+        # previous log, whose records carry another log_id, is dropped with this write)
+        log_root, log_id = self.log.prepare_commit()
         sb = DiskSuperblock(fsid=fsid, generation=trans.transid, root=self.root_tree.root_bytenr,
                             root_level=self.root_tree.level, total_bytes=self.total_bytes,
-                            bytes_used=ext.bytes_used, sectorsize=self.sectorsize, nodesize=ns)
+                            bytes_used=ext.bytes_used, sectorsize=self.sectorsize, nodesize=ns,
+                            log_root=log_root, log_id=log_id)
         for addr in fmt.superblock_addrs(self.total_bytes):
             self.dev.pwrite(sb.encode(addr), addr, fua=True)
         # 5. the new generation is durable
@@ -366,6 +376,7 @@ class TransactionManager:
         self.generation = trans.transid
         self.commits += 1
         self.cache.committed()
+        self.log.commit_done(trans.transid)
         ext.unpin()
 
     # ------------------------------------------------------------------ fsck
