@@ -96,13 +96,25 @@ def kernel_fs(fstype: str, image_size: int, workdir: str):
         subprocess.run(["mount", loop, mnt], check=True, capture_output=True)
         yield mnt
     finally:
-        subprocess.run(["umount", mnt], capture_output=True)
+        _umount_retry(mnt)
         if loop:
             subprocess.run(["losetup", "-d", loop], capture_output=True)
         with contextlib.suppress(OSError):
             os.rmdir(mnt)
         with contextlib.suppress(OSError):
             os.unlink(img)
+
+
+def _umount_retry(mnt: str, attempts: int = 50) -> None:
+    """Unmount, retrying EBUSY: a killed fio's io_uring teardown holds the mount briefly."""
+    import time
+
+    for _ in range(attempts):
+        r = subprocess.run(["umount", mnt], capture_output=True, text=True)
+        if r.returncode == 0 or "not mounted" in r.stderr or not os.path.ismount(mnt):
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "-l", mnt], capture_output=True)   # last resort: detach lazily
 
 
 def machine_info() -> dict:
