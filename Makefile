@@ -11,7 +11,7 @@ PIP    := $(VENV)/bin/pip
 APT_PKGS := fio xfsprogs btrfs-progs fuse3 libfuse3-dev pkg-config util-linux
 PY_PKGS  := "Cython>=3.0.10,<3.4" "setuptools>=77" wheel "pluggy>=1.5" "click>=8.1" "PyYAML>=6.0" \
             "pytest>=8" "hypothesis>=6.100" "trio>=0.22" "pyfuse3>=3.2" "ruff>=0.6"
-SOURCES  := $(wildcard ufs/iomap/*.pyx ufs/iomap/*.pxd ufs/iomap/include/*.h) setup.py
+SOURCES  := $(wildcard ufs/iomap/*.pyx ufs/iomap/*.pxd ufs/iomap/include/*.h ufs/fuse/*.pyx ufs/fuse/*.h) setup.py
 PYTEST_ARGS ?=
 
 .PHONY: all sysdeps venv build test demo bench clean distclean

@@ -1,4 +1,5 @@
-"""Build the Cython core (ufs.iomap.*).  Everything else is plain Python.
+"""Build the Cython core (ufs.iomap.*) and the native FUSE session (ufs.fuse._lowlevel, only
+when libfuse3's development files are found: pkg-config fuse3).  Everything else is plain Python.
 
 UFS_DEBUG=1 compiles expensive assertions in (see ufs/iomap/include/debug.h);
 UFS_ANNOTATE=1 writes cython -a HTML next to each .pyx.
@@ -27,6 +28,41 @@ for pyx in sorted(glob("ufs/iomap/*.pyx")):
         continue
     exts.append(Extension(mod, [pyx], include_dirs=["ufs/iomap/include"],
                           define_macros=macros, extra_compile_args=cflags))
+
+
+def _pkg_config_fuse3():
+    """(include dirs, library dirs, libraries) of libfuse3, or None when it is not installed."""
+    import shlex
+    import subprocess
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    inc, libdirs, libs = [], [], []
+    for tok in shlex.split(out):
+        if tok.startswith("-I"):
+            inc.append(tok[2:])
+        elif tok.startswith("-L"):
+            libdirs.append(tok[2:])
+        elif tok.startswith("-l"):
+            libs.append(tok[2:])
+    return inc, libdirs, libs
+
+
+fuse_pyx = [p for p in sorted(glob("ufs/fuse/*.pyx"))
+            if not only or p[:-4].rsplit("/", 1)[1] in only]
+if fuse_pyx:
+    fuse3 = _pkg_config_fuse3()
+    if fuse3 is None:
+        print("WARNING: libfuse3 development files not found (pkg-config fuse3): "
+              "skipping " + ", ".join(fuse_pyx) + "; the native FUSE engine is unavailable")
+    else:
+        for pyx in fuse_pyx:
+            exts.append(Extension(pyx[:-4].replace("/", "."), [pyx],
+                                  include_dirs=["ufs/fuse"] + fuse3[0],
+                                  library_dirs=fuse3[1], libraries=fuse3[2],
+                                  define_macros=macros, extra_compile_args=cflags))
 
 setup(
     ext_modules=cythonize(

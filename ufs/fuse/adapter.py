@@ -28,7 +28,10 @@ errno).  Anything else is logged with its traceback and becomes EIO; the mount k
 Concurrency: pyfuse3 runs on trio with several tasks reading requests; every filesystem call
 runs in a worker thread (``trio.to_thread.run_sync``) bounded by a ``CapacityLimiter`` so
 several requests are in flight at once (the Filesystem is thread-safe).  ``_lock`` (a leaf,
-never held across a filesystem call) guards the inode/name tables.
+never held across a filesystem call) guards the inode/name tables.  The native engine
+(``ufs.fuse.native``) reuses these handlers unchanged but runs them inline in libfuse's
+worker threads (its ``_run`` calls the filesystem directly), so handler bodies may run in
+several threads at once: every shared table is changed under ``_lock`` only.
 """
 from __future__ import annotations
 

@@ -1,7 +1,15 @@
 """Mounting an image through FUSE: the serving daemon, its start-up handshake and ``umount``.
 
 Layer: top (beside ``ufs.cli``).  Imports ``ufs.api`` (mount), ``ufs.errors``,
-``ufs.fuse.adapter`` and, lazily, ``pyfuse3``/``trio``.  No filesystem logic lives here.
+``ufs.fuse.adapter`` and, lazily, ``pyfuse3``/``trio`` or the native engine
+(``ufs.fuse._lowlevel`` + ``ufs.fuse.native``).  No filesystem logic lives here.
+
+Engines: ``native`` (a libfuse3 low-level session in Cython: kernel-reader threads run the
+adapter's handlers inline and serve O_DIRECT reads of fast-path personalities in C without the
+GIL; the default when built) or ``pyfuse3`` (trio + a worker-thread hop per request).  Chosen
+by ``-o fuse_native``/``-o fuse_pyfuse3`` or ``$UFS_FUSE_ENGINE``; both keep the same life
+cycle below.  ``$UFS_FUSE_THREADS``/``$UFS_FUSE_IDLE_THREADS`` size the native worker pool,
+``$UFS_FUSE_MAX_BACKGROUND`` (default 64) the async requests the kernel keeps at the daemon.
 
 Life of a mount:
 1. :func:`mount_image` (the CLI's ``mount-image``) checks the arguments, then either serves in
@@ -37,13 +45,20 @@ import time
 
 from ufs.errors import InvalidError, from_errno
 
-__all__ = ["FUSE_OPTIONS", "fuse_available", "find_mount", "mount_image", "serve", "split_options",
+__all__ = ["FUSE_ENGINES", "FUSE_OPTIONS", "find_mount", "fuse_available", "fuse_engine",
+           "mount_image", "native_available", "serve", "split_options",
            "state_dir", "umount"]
 
 log = logging.getLogger("ufs.fuse")
 
-#: options the FUSE layer takes (the rest go to the personality / VFS)
-FUSE_OPTIONS = ("ro", "rw", "allow_other")
+#: options the FUSE layer takes (the rest go to the personality / VFS).  The engine is chosen
+#: by flags (the CLI's option check only lets FUSE options through without a value):
+#: ``fuse_native`` (the libfuse3 session of ufs.fuse._lowlevel; the default when it is built),
+#: ``fuse_pyfuse3`` (pyfuse3 on trio) and ``fuse_nofastpath`` (native engine without the C
+#: O_DIRECT read path).
+FUSE_OPTIONS = ("ro", "rw", "allow_other", "fuse_native", "fuse_pyfuse3", "fuse_nofastpath")
+#: the engines: the native libfuse3 session (default when built) or pyfuse3 on trio
+FUSE_ENGINES = ("pyfuse3", "native")
 
 
 def fuse_available() -> str | None:
@@ -111,7 +126,32 @@ def split_options(options) -> tuple[dict, dict]:
     for k, v in fuse.items():
         if v is not None:
             raise InvalidError(_errno.EINVAL, f"option {k!r} takes no value")
+    if "fuse_native" in fuse and "fuse_pyfuse3" in fuse:
+        raise InvalidError(_errno.EINVAL, "fuse_native and fuse_pyfuse3 exclude each other")
     return fuse, items
+
+
+def fuse_engine(fuse_opts: dict) -> str:
+    """The engine a mount uses: ``-o fuse_native``/``-o fuse_pyfuse3``, else
+    ``$UFS_FUSE_ENGINE``, else native when ``ufs.fuse._lowlevel`` is built, else pyfuse3."""
+    if "fuse_native" in fuse_opts:
+        return "native"
+    if "fuse_pyfuse3" in fuse_opts:
+        return "pyfuse3"
+    engine = os.environ.get("UFS_FUSE_ENGINE") or (
+        "native" if native_available() is None else "pyfuse3")
+    if engine not in FUSE_ENGINES:
+        raise InvalidError(_errno.EINVAL, f"fuse_engine must be one of {FUSE_ENGINES}")
+    return engine
+
+
+def native_available() -> str | None:
+    """None if the native engine (ufs.fuse._lowlevel) is built, else why not."""
+    try:
+        import ufs.fuse._lowlevel  # noqa: F401
+    except ImportError as e:
+        return f"ufs.fuse._lowlevel is not built ({e}); needs libfuse3-dev at build time"
+    return None
 
 
 def _unescape_mountinfo(s: str) -> str:
@@ -167,6 +207,9 @@ def serve(image: str, mountpoint: str, options=None, *, log_path: str | None = N
     mountpoint = _real(mountpoint)
     fuse_opts, fs_opts = split_options(options)
     readonly = "ro" in fuse_opts
+    if fuse_engine(fuse_opts) == "native":
+        return _serve_native(image, mountpoint, fuse_opts, fs_opts, options,
+                             log_path=log_path, ready=ready, max_threads=max_threads)
     log_path = log_path or default_log_path(mountpoint)
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -240,6 +283,108 @@ def serve(image: str, mountpoint: str, options=None, *, log_path: str | None = N
                 pyfuse3.close(unmount=True)
             except Exception:  # pragma: no cover - best effort on the error path
                 log.exception("pyfuse3.close failed")
+        if fs is not None and fs.mounted:
+            try:
+                fs.unmount()
+            except Exception:
+                log.exception("unmount of %s failed", image)
+        if state is not None:
+            try:
+                os.unlink(state)
+            except FileNotFoundError:
+                pass
+        root_log.removeHandler(handler)
+        handler.close()
+
+
+def _serve_native(image: str, mountpoint: str, fuse_opts: dict, fs_opts: dict, options, *,
+                  log_path: str | None, ready, max_threads: int) -> int:
+    """:func:`serve` on the native libfuse3 session (``-o fuse_engine=native``): the same
+    life cycle (state file, ready handshake, unmount on signal, clean Filesystem unmount)."""
+    from ufs import api
+    from ufs.fuse import _lowlevel
+    from ufs.fuse.native import NativeOperations
+
+    import pyfuse3
+
+    readonly = "ro" in fuse_opts
+    log_path = log_path or default_log_path(mountpoint)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root_log = logging.getLogger("ufs")
+    root_log.addHandler(handler)
+    root_log.setLevel(logging.INFO)
+    fs = None
+    state = None
+    spath = state_path(mountpoint)
+    mounted_fuse = False
+    try:
+        try:
+            if "," in image:
+                raise InvalidError(_errno.EINVAL, "image path may not contain ','")
+            if not os.path.isdir(mountpoint):
+                raise from_errno(_errno.ENOTDIR, "mount point is not a directory", mountpoint)
+            if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
+                raise from_errno(_errno.EBUSY, "something is already mounted there", mountpoint)
+            fs = api.mount(image, options=fs_opts, readonly=readonly)
+            ops = NativeOperations(fs, fastpath="fuse_nofastpath" not in fuse_opts)
+            args = set(pyfuse3.default_options)
+            args.add(f"fsname={image}")
+            args.add(f"subtype=ufs-{fs.fstype}")
+            if readonly:
+                args.add("ro")
+            if "allow_other" in fuse_opts:
+                args.add("allow_other")
+            _lowlevel.mount(ops, mountpoint, args,
+                            max_background=int(os.environ.get("UFS_FUSE_MAX_BACKGROUND") or 64))
+            mounted_fuse = True
+            state = _write_state(spath, {"pid": os.getpid(), "image": image,
+                                         "mountpoint": mountpoint, "log": log_path,
+                                         "fstype": fs.fstype, "engine": "native"})
+        except BaseException as e:
+            if ready is not None:
+                msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                where = f": {e.filename}" if getattr(e, "filename", None) else ""
+                ready(f"error: {msg}{where}")
+            raise
+        log.info("mounted %s (%s) at %s with the native engine (fast path %s), options %s",
+                 image, fs.fstype, mountpoint,
+                 ("async" if ops.fast_queue is not None else "sync") if ops.fastpath else "off",
+                 options)
+        if ready is not None:
+            ready("ready")
+        # $UFS_FUSE_THREADS / $UFS_FUSE_IDLE_THREADS tune the worker pool (benchmarks)
+        threads = int(os.environ.get("UFS_FUSE_THREADS") or max_threads)
+        idle = int(os.environ.get("UFS_FUSE_IDLE_THREADS") or min(16, threads))
+        # libfuse installs its SIGINT/SIGTERM/SIGHUP handlers (which end the loop) only over
+        # SIG_DFL: the loop runs without the GIL, so Python's handlers would never run
+        sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        saved = {s: signal.signal(s, signal.SIG_DFL) for s in sigs}
+        try:
+            rc = _lowlevel.loop(max_threads=max(1, threads), idle_threads=max(1, idle))
+        finally:
+            for s, h in saved.items():
+                signal.signal(s, h)
+        if rc:
+            log.info("the native loop ended with %d (a signal, or -errno): unmounting", rc)
+        # after a signal the kernel mount is still there: take it down first
+        _lowlevel.close(unmount=find_mount(mountpoint) is not None)
+        mounted_fuse = False
+        log.info("native engine: %s", _lowlevel.stats())
+        log.info("requests served concurrently: at most %d at a time (Python handlers; fast "
+                 "reads not counted)", ops.max_inflight)
+        if ops.requests_failed:
+            log.warning("%d requests failed with unexpected errors (see tracebacks above)",
+                        ops.requests_failed)
+        fs.unmount()
+        log.info("unmounted %s cleanly", image)
+        return 0
+    finally:
+        if mounted_fuse:
+            try:
+                _lowlevel.close(unmount=True)
+            except Exception:  # pragma: no cover - best effort on the error path
+                log.exception("closing the native session failed")
         if fs is not None and fs.mounted:
             try:
                 fs.unmount()
