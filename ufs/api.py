@@ -1,9 +1,9 @@
 """The public Python API: ``mkfs``, ``mount``, ``fsck`` and the mounted :class:`Filesystem`.
 
 Layer: public API.  Imports ``ufs.vfs`` (namei, fdtable, ops), ``ufs.registry``/``ufs.plugins``
-(personality lookup, mount/mount-time only), ``ufs.iomap.bdev`` (opening images) and
-``ufs.errors``.  Personalities are reached only through their ``Personality`` record and the
-contracts of ``ufs.vfs.ops``.
+(personality lookup, mount/mount-time only), ``ufs.iomap.bdev`` (opening images), ``ufs.iomap``
+(``Kiocb``, ``EIOCBQUEUED``: building async kiocbs) and ``ufs.errors``.  Personalities are
+reached only through their ``Personality`` record and the contracts of ``ufs.vfs.ops``.
 
 Contract (DESIGN.md §6): every method behaves as the ``os`` function of the same name does on a
 Linux kernel filesystem — same flags (``os.O_*``, ``os.SEEK_*``), same return types
@@ -22,15 +22,25 @@ Exclusivity: an image is mounted once.  ``mount``/``mkfs``/``fsck`` take an excl
 ``flock`` on an image file or block device (another process holding it → EBUSY) and a
 process-wide claim (a second mount in this process → EBUSY), both released at unmount.
 
-Asynchronous I/O: ``submit_pread``/``submit_pwrite`` start an I/O through the personality's
-``read_iter``/``write_iter`` with an async ``Kiocb`` and return an :class:`AsyncHandle`;
-``reap`` returns completions as ``(handle, result)`` pairs where ``result`` is the bytes read,
-the count written, or the ``OSError``.  A personality that completes inline (memfs, buffered
+Reading into a caller's buffer: ``readinto``/``preadinto`` (like ``os.readv``/``os.preadv``
+with one buffer) fill a writable buffer and return the byte count, so an O_DIRECT reader can
+use an aligned buffer (``ufs.iomap.bdev.aligned_buffer``) with no copy; ``read``/``pread``
+allocate and return ``bytes``.
+
+Asynchronous I/O: ``submit_pread``/``submit_preadinto``/``submit_pwrite`` start an I/O through
+the personality's ``read_iter``/``write_iter`` with an async ``Kiocb`` and return an
+:class:`AsyncHandle`; ``reap`` returns completions as ``(handle, result)`` pairs where
+``result`` is the bytes read (``submit_pread``), the count read into the buffer
+(``submit_preadinto``; the buffer must stay untouched until reaped), the count written, or the
+``OSError``.  A personality that completes inline (memfs, buffered
 I/O) has the completion ready at once; for ``EIOCBQUEUED`` the completion arrives from
 ``ki_complete`` — ``reap`` drives the calling thread's device queue while it waits, so reap on
 the thread that submitted (as with io_uring).
 
-Locks: ``Filesystem._cv`` guards the completion list (a leaf); the module's ``_CLAIMS_LOCK``
+Locks: ``Filesystem._cv`` (a leaf) guards ``_inflight`` and the reapers' waiting count; the
+completion deque is appended to without it (``deque.append`` is atomic) and a completion only
+notifies ``_cv`` when a reaper is waiting on it, so the common case (the reaping thread
+completes its own I/O while driving the device queue) takes no lock per completion; the module's ``_CLAIMS_LOCK``
 guards the process-wide set of claimed images.
 """
 from __future__ import annotations
@@ -45,8 +55,9 @@ import threading
 import time
 
 from ufs.errors import FsError, InvalidError, NotSupportedError, from_errno
+from ufs.iomap import EIOCBQUEUED, Kiocb
 from ufs.vfs import ops
-from ufs.vfs.fdtable import FdTable
+from ufs.vfs.fdtable import MAX_RW_COUNT, FdTable, writable_view
 from ufs.vfs.namei import Namei, fspath
 from ufs.vfs.ops import (
     FALLOC_FL_COLLAPSE_RANGE,
@@ -438,9 +449,11 @@ class Filesystem:
         self.namei = Namei(sb, readonly=readonly)
         self.fdtable = FdTable(self.namei)
         self.namei.is_open = self.fdtable.is_open
-        self._cv = threading.Condition(threading.Lock())
+        self._cv_lock = threading.Lock()
+        self._cv = threading.Condition(self._cv_lock)
         self._done: collections.deque = collections.deque()
         self._inflight = 0
+        self._waiters = 0               # reapers sleeping on _cv
 
     def __repr__(self) -> str:
         state = "mounted" if self._mounted else "unmounted"
@@ -518,6 +531,19 @@ class Filesystem:
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         self._live()
         return self.fdtable.read(fd, length, offset)
+
+    def readinto(self, fd: int, buf) -> int:
+        """``os.readv(fd, [buf])``: read into the writable buffer ``buf`` at the file position
+        (advancing it); returns the bytes read.  TypeError for a read-only buffer."""
+        self._live()
+        return self.fdtable.readinto(fd, buf)
+
+    def preadinto(self, fd: int, buf, offset: int) -> int:
+        """``os.preadv(fd, [buf], offset)``: read up to ``len(buf)`` bytes at ``offset`` into
+        the writable buffer ``buf`` (no copy: pass an aligned buffer on an O_DIRECT descriptor);
+        returns the bytes read (0 at EOF).  TypeError for a read-only buffer."""
+        self._live()
+        return self.fdtable.readinto(fd, buf, offset)
 
     def write(self, fd: int, data) -> int:
         self._live()
@@ -715,40 +741,52 @@ class Filesystem:
         """Start an asynchronous pread; its result (bytes) comes from :meth:`reap`.
 
         Argument errors (EBADF, EINVAL, EISDIR) raise here; I/O errors arrive as results."""
-        return self._submit("pread", fd, None, length, offset)
+        if length < 0:
+            self._live()
+            self.fdtable.get(fd)
+            raise InvalidError(_errno.EINVAL, "negative length")
+        return self._submit("pread", fd, None, min(length, MAX_RW_COUNT), offset, False)
+
+    def submit_preadinto(self, fd: int, buf, offset: int) -> AsyncHandle:
+        """Start an asynchronous read of up to ``len(buf)`` bytes at ``offset`` into the
+        writable buffer ``buf`` (no copy); its result (the bytes read, an int) comes from
+        :meth:`reap`.  Do not touch ``buf`` until then.  TypeError for a read-only buffer."""
+        view = writable_view(buf)[:MAX_RW_COUNT]
+        return self._submit("preadinto", fd, view, len(view), offset, False)
 
     def submit_pwrite(self, fd: int, data, offset: int) -> AsyncHandle:
         """Start an asynchronous pwrite; its result (bytes written) comes from :meth:`reap`."""
-        return self._submit("pwrite", fd, data, len(memoryview(data).cast("B")), offset)
+        if type(data) is memoryview and data.format == "B" and data.ndim == 1 \
+                and data.c_contiguous:
+            buf = data
+        else:
+            buf = memoryview(data).cast("B")
+        if len(buf) > MAX_RW_COUNT:
+            buf = buf[:MAX_RW_COUNT]
+        return self._submit("pwrite", fd, buf, len(buf), offset, True)
 
-    def _submit(self, op, fd, data, length, offset) -> AsyncHandle:
-        from ufs.iomap import EIOCBQUEUED
-
-        self._live()
-        h = AsyncHandle(op, fd, offset, length)
-
-        def ki_complete(iocb, res):
-            self._post(h, res)
-
-        write = op == "pwrite"
+    def _submit(self, op, fd, buf, length, offset, write) -> AsyncHandle:
+        """The per-I/O path of every submit_*: checks, one Kiocb (``private`` is the handle,
+        ``ki_complete`` the bound :meth:`_ki_complete`), ``read_iter``/``write_iter``."""
+        if not self._mounted:
+            raise InvalidError(_errno.EINVAL, "filesystem is unmounted")
         file = self.fdtable.get(fd)
         if offset < 0:
             raise InvalidError(_errno.EINVAL, "negative file position")
         if write:
             file.check_writable()
-            buf = memoryview(data).cast("B")
         else:
-            if length < 0:
-                raise InvalidError(_errno.EINVAL, "negative length")
             file.check_readable()
             if _stat.S_ISDIR(file.f_inode.i_mode):
                 raise from_errno(_errno.EISDIR, "is a directory")
+        h = AsyncHandle(op, fd, offset, length)
+        if buf is None:
             buf = h._buf = bytearray(length)
-        iocb = file.kiocb(offset, write=write, complete=ki_complete)
-        with self._cv:
+        iocb = Kiocb(file, offset, file.iocb_flags(write=write), self._ki_complete, h)
+        with self._cv_lock:
             self._inflight += 1
         try:
-            if not len(buf):
+            if not length:
                 ret = 0
             elif write:
                 ret = file.f_op.write_iter(iocb, buf)
@@ -761,21 +799,28 @@ class Filesystem:
             self._post(h, ret)
         return h
 
+    def _ki_complete(self, iocb, res) -> None:
+        self._post(iocb.private, res)
+
     def _post(self, h: AsyncHandle, res) -> None:
         """Record a completion (called inline or from ``ki_complete`` on any thread)."""
         if isinstance(res, BaseException):
             result = res
         elif res < 0:
             result = from_errno(-res)
-        elif h.op == "pread":
+        elif h._buf is not None:
             result = bytes(h._buf[:res])
         else:
             result = res
         h.result = result
         h._buf = None
-        with self._cv:
-            self._done.append(h)
-            self._cv.notify_all()
+        # the result is set before the handle is visible in _done; a reaper that counts
+        # itself in _waiters re-checks _done under _cv before sleeping, so reading
+        # _waiters after the append never misses it
+        self._done.append(h)
+        if self._waiters:
+            with self._cv:
+                self._cv.notify_all()
 
     @property
     def inflight(self) -> int:
@@ -799,15 +844,16 @@ class Filesystem:
     def reap(self, min_complete: int = 1, timeout: float | None = None) -> list:
         """Wait for at least ``min_complete`` completions (fewer if fewer are in flight, or the
         timeout expires); return every completion available as ``(handle, result)`` pairs,
-        ``result`` being bytes (pread), an int (pwrite) or the OSError."""
+        ``result`` being bytes (pread), an int (preadinto, pwrite) or the OSError."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        done = self._done
         while True:
-            with self._cv:
-                ready = len(self._done)
+            with self._cv_lock:
+                ready = len(done)
                 if ready >= min_complete or ready >= self._inflight:
                     out = []
-                    while self._done:
-                        h = self._done.popleft()
+                    while done:
+                        h = done.popleft()
                         h.done = True
                         out.append((h, h.result))
                     self._inflight -= len(out)
@@ -817,7 +863,10 @@ class Filesystem:
                     continue
             if not self._drive():
                 with self._cv:
-                    if len(self._done) < min_complete:
-                        wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
-                        self._cv.wait(wait)
-
+                    self._waiters += 1
+                    try:
+                        if len(done) < min_complete:
+                            wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+                            self._cv.wait(wait)
+                    finally:
+                        self._waiters -= 1

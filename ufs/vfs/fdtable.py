@@ -36,11 +36,22 @@ from ufs.vfs import ops
 from ufs.vfs.file import LLONG_MAX, File
 from ufs.vfs.namei import Namei
 
-__all__ = ["FIRST_FD", "MAX_RW_COUNT", "FdTable"]
+__all__ = ["FIRST_FD", "MAX_RW_COUNT", "FdTable", "writable_view"]
 
 FIRST_FD = 3
 #: the kernel caps one read/write at INT_MAX rounded down to a page
 MAX_RW_COUNT = 0x7FFFF000
+
+
+def writable_view(buf) -> memoryview:
+    """A flat byte view of a writable buffer; TypeError (as ``os.readv``) if it is read-only."""
+    view = memoryview(buf)
+    if view.readonly:
+        raise TypeError("readinto() argument must be read-write bytes-like object, "
+                        f"not {type(buf).__name__}")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
 
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
@@ -159,6 +170,28 @@ class FdTable:
         iocb = file.kiocb(pos)
         n = file.f_op.read_iter(iocb, buf)
         return bytes(buf[:n])
+
+    def readinto(self, fd, buf, pos: int | None = None) -> int:
+        """``readv``/``preadv`` into one writable buffer (no copy: O_DIRECT readers pass an
+        aligned buffer); returns the bytes read.  ``pos`` None uses and advances ``f_pos``.
+        TypeError for a read-only buffer, as ``os.preadv``."""
+        file = self.get(fd)
+        view = writable_view(buf)[:MAX_RW_COUNT]
+        file.check_readable()
+        if _stat.S_ISDIR(file.f_inode.i_mode):
+            raise IsADirError(_errno.EISDIR, "is a directory")
+        if pos is not None:
+            self._check_pos(pos)
+            if not len(view):
+                return 0
+            return file.f_op.read_iter(file.kiocb(pos), view)
+        with file.f_pos_lock:
+            if not len(view):
+                return 0
+            iocb = file.kiocb(file.f_pos)
+            n = file.f_op.read_iter(iocb, view)
+            file.f_pos = iocb.ki_pos
+            return n
 
     def write(self, fd, data, pos: int | None = None) -> int:
         """``write``/``pwrite``; ``pos`` None uses and advances ``f_pos``.  As on Linux, a

@@ -423,6 +423,9 @@ class FileOperations:
         raise NotImplementedError
 
 
+_IOCB_APPEND = None
+
+
 def generic_write_checks(iocb, count: int, s_maxbytes: int = MAX_LFS_FILESIZE) -> int:
     """Apply O_APPEND and the size limit to a write of ``count`` bytes; return the count to do.
 
@@ -430,12 +433,15 @@ def generic_write_checks(iocb, count: int, s_maxbytes: int = MAX_LFS_FILESIZE) -
     IOCB_APPEND moves ``iocb.ki_pos`` to ``i_size``; a write starting at or past
     ``s_maxbytes`` is EFBIG; one crossing it is shortened.
     """
-    # deferred: importing ops must not need the compiled core
-    from ufs.iomap import Iocb
+    global _IOCB_APPEND
+    if _IOCB_APPEND is None:
+        # deferred: importing ops must not need the compiled core; a plain int afterwards,
+        # since IntFlag arithmetic costs about a microsecond on this per-I/O path
+        from ufs.iomap import Iocb
+        _IOCB_APPEND = int(Iocb.APPEND)
 
-    inode = iocb.ki_filp.f_inode
-    if iocb.ki_flags & Iocb.APPEND:
-        iocb.ki_pos = inode.i_size
+    if iocb.ki_flags & _IOCB_APPEND:
+        iocb.ki_pos = iocb.ki_filp.f_inode.i_size
     if count == 0:
         return 0
     if iocb.ki_pos >= s_maxbytes:
