@@ -35,15 +35,13 @@ ones the caller holds.  The budget is balanced at the end of each call, with no 
 """
 from __future__ import annotations
 
-from ufs.errors import AgainError, FileTooBigError, InvalidError, InvariantError, to_errno
+from ufs.errors import AgainError, InvalidError, InvariantError, to_errno
 from ufs.iomap import Iocb, IomapIter, IterFlag, MapFlag, MapType
+from ufs.vfs.ops import MAX_LFS_FILESIZE, generic_write_checks
 from ufs.vfs.sync import generic_write_sync
 
 __all__ = ["buffered_read", "buffered_write", "buffered_zero_range", "generic_write_checks",
            "generic_file_write", "generic_file_read", "MAX_LFS_FILESIZE"]
-
-#: largest file size without a superblock limit (``sb.s_maxbytes`` overrides)
-MAX_LFS_FILESIZE = (1 << 63) - 1
 
 _HOLE = int(MapType.HOLE)
 _MAPPED = int(MapType.MAPPED)
@@ -397,23 +395,6 @@ def buffered_zero_range(inode, pos: int, length: int, ops) -> int:
 
 # --- VFS entry points ------------------------------------------------------------------------
 
-def generic_write_checks(iocb, count: int) -> int:
-    """O_APPEND positioning and size limits before a write; returns the count to write.
-
-    EINVAL for a negative position, EFBIG past ``sb.s_maxbytes`` (short count if part fits).
-    """
-    inode = iocb.ki_filp.f_inode
-    if iocb.ki_flags & Iocb.APPEND:
-        iocb.ki_pos = inode.i_size
-    pos = iocb.ki_pos
-    if pos < 0:
-        raise InvalidError("negative file position")
-    limit = getattr(inode.i_sb, "s_maxbytes", MAX_LFS_FILESIZE)
-    if count and pos >= limit:
-        raise FileTooBigError(f"write at {pos} past the maximum file size {limit}")
-    return min(count, limit - pos)
-
-
 def generic_file_write(iocb, data, ops, *, lock: bool = True) -> int:
     """Buffered write_iter: i_rwsem exclusive, checks, write, unlock, then generic_write_sync.
 
@@ -430,7 +411,8 @@ def generic_file_write(iocb, data, ops, *, lock: bool = True) -> int:
             inode.i_rwsem.down_write()
     try:
         view = memoryview(data).cast("B")
-        count = generic_write_checks(iocb, len(view))
+        count = generic_write_checks(iocb, len(view),
+                                     getattr(inode.i_sb, "s_maxbytes", MAX_LFS_FILESIZE))
         written = buffered_write(iocb, view[:count], ops)
     finally:
         if lock:

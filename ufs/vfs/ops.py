@@ -39,7 +39,7 @@ import dataclasses
 import os
 import stat as _stat
 
-from ufs.errors import FileTooBigError, NotSupportedError
+from ufs.errors import FileTooBigError, InvalidError, NotSupportedError
 
 __all__ = [
     "DT_DIR",
@@ -431,7 +431,8 @@ def generic_write_checks(iocb, count: int, s_maxbytes: int = MAX_LFS_FILESIZE) -
 
     Call from ``write_iter`` with ``i_rwsem`` held (the kernel's ``generic_write_checks``):
     IOCB_APPEND moves ``iocb.ki_pos`` to ``i_size``; a write starting at or past
-    ``s_maxbytes`` is EFBIG; one crossing it is shortened.
+    ``s_maxbytes`` is EFBIG; one crossing it is shortened; a negative position is EINVAL.
+    This is the only copy: buffered I/O and every personality call it.
     """
     global _IOCB_APPEND
     if _IOCB_APPEND is None:
@@ -442,6 +443,8 @@ def generic_write_checks(iocb, count: int, s_maxbytes: int = MAX_LFS_FILESIZE) -
 
     if iocb.ki_flags & _IOCB_APPEND:
         iocb.ki_pos = iocb.ki_filp.f_inode.i_size
+    if iocb.ki_pos < 0:
+        raise InvalidError("negative file position")
     if count == 0:
         return 0
     if iocb.ki_pos >= s_maxbytes:
