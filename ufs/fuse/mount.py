@@ -283,18 +283,25 @@ def serve(image: str, mountpoint: str, options=None, *, log_path: str | None = N
                 pyfuse3.close(unmount=True)
             except Exception:  # pragma: no cover - best effort on the error path
                 log.exception("pyfuse3.close failed")
-        if fs is not None and fs.mounted:
-            try:
-                fs.unmount()
-            except Exception:
-                log.exception("unmount of %s failed", image)
-        if state is not None:
-            try:
-                os.unlink(state)
-            except FileNotFoundError:
-                pass
-        root_log.removeHandler(handler)
-        handler.close()
+        _release_mount(fs, image, state, root_log, handler)
+
+
+def _release_mount(fs, image, state, root_log, handler) -> None:
+    """The end of a daemon's life, for either engine, after the FUSE session is closed:
+    unmount the filesystem if an error path left it mounted (a clean exit already did), remove
+    the state file that `ufs umount` waits on, and detach the mount's log handler."""
+    if fs is not None and fs.mounted:
+        try:
+            fs.unmount()
+        except Exception:
+            log.exception("unmount of %s failed", image)
+    if state is not None:
+        try:
+            os.unlink(state)
+        except FileNotFoundError:
+            pass
+    root_log.removeHandler(handler)
+    handler.close()
 
 
 def _serve_native(image: str, mountpoint: str, fuse_opts: dict, fs_opts: dict, options, *,
@@ -385,18 +392,7 @@ def _serve_native(image: str, mountpoint: str, fuse_opts: dict, fs_opts: dict, o
                 _lowlevel.close(unmount=True)
             except Exception:  # pragma: no cover - best effort on the error path
                 log.exception("closing the native session failed")
-        if fs is not None and fs.mounted:
-            try:
-                fs.unmount()
-            except Exception:
-                log.exception("unmount of %s failed", image)
-        if state is not None:
-            try:
-                os.unlink(state)
-            except FileNotFoundError:
-                pass
-        root_log.removeHandler(handler)
-        handler.close()
+        _release_mount(fs, image, state, root_log, handler)
 
 
 def mount_image(image: str, mountpoint: str, options=None, *, foreground: bool = False,
