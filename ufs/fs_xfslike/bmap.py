@@ -185,17 +185,7 @@ class ExtentMap:
         """Every node block of the bmbt (for freeing or checking)."""
         if self.tree is None:
             return []
-        out = []
-        tree = self.tree
-
-        def walk(blk, level):
-            out.append(blk)
-            if level:
-                _, node = tree._node(blk, level)
-                for c in node.ptrs:
-                    walk(c, level - 1)
-        walk(self.inode.di.bmbt_root_blk, self.inode.di.bmbt_level)
-        return out
+        return self.tree.node_blocks()
 
     def _free_tree(self, tx) -> None:
         for blk in self.tree_blocks():

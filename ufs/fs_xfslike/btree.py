@@ -166,6 +166,19 @@ class Btree:
                                f"level {node.level}, expected {level}")
         return buf, node
 
+    def node_blocks(self) -> list:
+        """Every node block of the tree, root first (for freeing a tree or checking space)."""
+        out = []
+
+        def walk(blkno, level):
+            out.append(blkno)
+            if level:
+                _, node = self._node(blkno, level)
+                for child in node.ptrs:
+                    walk(child, level - 1)
+        walk(self.root.root_blk, self.root.level)
+        return out
+
     def _key(self, rec) -> tuple:
         return rec[:self._nk]
 

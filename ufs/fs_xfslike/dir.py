@@ -216,17 +216,7 @@ class DirState:
     def tree_blocks(self) -> list:
         if self.tree is None:
             return []
-        out = []
-        tree = self.tree
-
-        def walk(blk, level):
-            out.append(blk)
-            if level:
-                _, node = tree._node(blk, level)
-                for c in node.ptrs:
-                    walk(c, level - 1)
-        walk(self.inode.di.bmbt_root_blk, self.inode.di.bmbt_level)
-        return out
+        return self.tree.node_blocks()
 
     def free_all(self, tx) -> None:
         """Free the dirbt blocks of an (empty) directory being removed."""

@@ -144,16 +144,7 @@ class _Checker:
 
     # -- AGs -------------------------------------------------------------------------------
     def _tree_blocks(self, tree, what):
-        out = []
-
-        def walk(blk, level):
-            out.append(blk)
-            if level:
-                _, node = tree._node(blk, level)
-                for c in node.ptrs:
-                    walk(c, level - 1)
-        walk(tree.root.root_blk, tree.root.level)
-        for b in out:
+        for b in tree.node_blocks():
             self.used.append((b, 1, what))
 
     def _check_ag(self, ag) -> None:
