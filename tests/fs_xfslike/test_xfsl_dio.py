@@ -14,33 +14,13 @@ from ufs import api
 from ufs.fs_xfslike import format as fmt
 from ufs.fs_xfslike import plugin
 from ufs.fs_xfslike.file import XfsFileOps
-from ufs.iomap import MapFlag, MapType, RamDev, aligned_buffer
+from ufs.iomap import MapFlag, MapType, RamDev
 from ufs.vfs import lockdep
+from xfsl_testdev import abuf
 
 P = plugin.PERSONALITY
 BS = 4096
 O_DIRECT = os.O_DIRECT
-
-
-def abuf(data: bytes):
-    b = aligned_buffer(len(data))
-    memoryview(b)[:] = data
-    return b
-
-
-@pytest.fixture
-def dev():
-    d = RamDev(64 << 20, 512)
-    api.mkfs(d, personality=P)
-    return d
-
-
-@pytest.fixture
-def fs(dev):
-    with lockdep.checking(True), api.mount(dev, personality=P) as f:
-        yield f
-    r = api.fsck(dev, personality=P)
-    assert r.clean, r.errors
 
 
 def inode_of(fs, path):

@@ -83,3 +83,12 @@ class SparseFileDev:
 
     def close(self):
         os.close(self.fd)
+
+
+def abuf(data: bytes):
+    """An aligned buffer holding ``data`` (O_DIRECT writes without a bounce)."""
+    from ufs.iomap import aligned_buffer
+
+    b = aligned_buffer(len(data))
+    memoryview(b)[:] = data
+    return b
