@@ -211,23 +211,14 @@ def serve(image: str, mountpoint: str, options=None, *, log_path: str | None = N
         return _serve_native(image, mountpoint, fuse_opts, fs_opts, options,
                              log_path=log_path, ready=ready, max_threads=max_threads)
     log_path = log_path or default_log_path(mountpoint)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root_log = logging.getLogger("ufs")
-    root_log.addHandler(handler)
-    root_log.setLevel(logging.INFO)
+    root_log, handler = _open_mount_log(log_path)
     fs = None
     state = None
     spath = state_path(mountpoint)      # before the mount: it resolves the mount point
     mounted_fuse = False
     try:
         try:
-            if "," in image:
-                raise InvalidError(_errno.EINVAL, "image path may not contain ','")
-            if not os.path.isdir(mountpoint):
-                raise from_errno(_errno.ENOTDIR, "mount point is not a directory", mountpoint)
-            if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
-                raise from_errno(_errno.EBUSY, "something is already mounted there", mountpoint)
+            _check_mount_target(image, mountpoint)
             fs = api.mount(image, options=fs_opts, readonly=readonly)
             ops = UfsOperations(fs, max_threads=max_threads)
             args = set(pyfuse3.default_options)
@@ -286,6 +277,28 @@ def serve(image: str, mountpoint: str, options=None, *, log_path: str | None = N
         _release_mount(fs, image, state, root_log, handler)
 
 
+def _open_mount_log(log_path: str):
+    """Send the ``ufs`` loggers of this daemon to the mount's log file; returns (logger, handler)
+    for _release_mount to detach."""
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root_log = logging.getLogger("ufs")
+    root_log.addHandler(handler)
+    root_log.setLevel(logging.INFO)
+    return root_log, handler
+
+
+def _check_mount_target(image: str, mountpoint: str) -> None:
+    """What both engines refuse before opening the image: a ',' in the image path (it would
+    split the fsname= mount option), a mount point that is not a directory or is in use."""
+    if "," in image:
+        raise InvalidError(_errno.EINVAL, "image path may not contain ','")
+    if not os.path.isdir(mountpoint):
+        raise from_errno(_errno.ENOTDIR, "mount point is not a directory", mountpoint)
+    if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
+        raise from_errno(_errno.EBUSY, "something is already mounted there", mountpoint)
+
+
 def _release_mount(fs, image, state, root_log, handler) -> None:
     """The end of a daemon's life, for either engine, after the FUSE session is closed:
     unmount the filesystem if an error path left it mounted (a clean exit already did), remove
@@ -316,23 +329,14 @@ def _serve_native(image: str, mountpoint: str, fuse_opts: dict, fs_opts: dict, o
 
     readonly = "ro" in fuse_opts
     log_path = log_path or default_log_path(mountpoint)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root_log = logging.getLogger("ufs")
-    root_log.addHandler(handler)
-    root_log.setLevel(logging.INFO)
+    root_log, handler = _open_mount_log(log_path)
     fs = None
     state = None
     spath = state_path(mountpoint)
     mounted_fuse = False
     try:
         try:
-            if "," in image:
-                raise InvalidError(_errno.EINVAL, "image path may not contain ','")
-            if not os.path.isdir(mountpoint):
-                raise from_errno(_errno.ENOTDIR, "mount point is not a directory", mountpoint)
-            if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
-                raise from_errno(_errno.EBUSY, "something is already mounted there", mountpoint)
+            _check_mount_target(image, mountpoint)
             fs = api.mount(image, options=fs_opts, readonly=readonly)
             ops = NativeOperations(fs, fastpath="fuse_nofastpath" not in fuse_opts)
             args = set(pyfuse3.default_options)
