@@ -16,7 +16,12 @@ from ufs.fs_xfslike import plugin
 from ufs.fs_xfslike.file import XfsFileOps
 from ufs.iomap import MapFlag, MapType, RamDev
 from ufs.vfs import lockdep
+import xfsl_testdev
 from xfsl_testdev import abuf
+
+# shared fixtures (xfsl_testdev): a formatted RamDev, and it mounted (fsck clean after)
+dev = xfsl_testdev.dev
+fs = xfsl_testdev.fs
 
 P = plugin.PERSONALITY
 BS = 4096

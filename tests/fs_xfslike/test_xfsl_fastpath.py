@@ -17,8 +17,13 @@ from ufs.fs_xfslike import format as fmt
 from ufs.fs_xfslike import plugin
 from ufs.iomap import Iocb, Kiocb, RamDev, aligned_buffer
 from ufs.testing import memfs
+import xfsl_testdev
 from xfsl_testdev import abuf
 from ufs.vfs.file import File
+
+# shared fixtures (xfsl_testdev): a formatted RamDev, and it mounted (fsck clean after)
+dev = xfsl_testdev.dev
+fs = xfsl_testdev.fs
 
 P = plugin.PERSONALITY
 BS = 4096

@@ -8,6 +8,13 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
+
+from ufs import api
+from ufs.fs_xfslike import plugin
+from ufs.iomap import RamDev
+from ufs.vfs import lockdep
+
 
 class RecordingDev:
     """Wraps a device; records every write and flush so crash images can be rebuilt.
@@ -92,3 +99,24 @@ def abuf(data: bytes):
     b = aligned_buffer(len(data))
     memoryview(b)[:] = data
     return b
+
+
+# Fixtures shared by the xfslike DIO tests; a test module imports them by name (pytest picks up
+# fixtures from the module namespace).  Not a conftest.py: a second module named "conftest"
+# would shadow tests/conftest.py, which test_sourcecode imports.
+
+@pytest.fixture
+def dev():
+    """A 64 MiB strict RamDev formatted xfslike."""
+    d = RamDev(64 << 20, 512)
+    api.mkfs(d, personality=plugin.PERSONALITY)
+    return d
+
+
+@pytest.fixture
+def fs(dev):
+    """``dev`` mounted under lockdep; it must fsck clean after the test."""
+    with lockdep.checking(True), api.mount(dev, personality=plugin.PERSONALITY) as f:
+        yield f
+    r = api.fsck(dev, personality=plugin.PERSONALITY)
+    assert r.clean, r.errors
