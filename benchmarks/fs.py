@@ -293,13 +293,17 @@ class UfsTarget:
 
         t0 = time.perf_counter()
         end = t0 + runtime_s
+        plug = fs.plug
         while True:
-            while inflight < depth:
-                if submit is not None:
-                    submit(fd, buf, next(pos_it))
-                else:
-                    submit_read(fd, bs, next(pos_it))
-                inflight += 1
+            # one device submission per refill, as fio's io_uring engine submits the batch
+            # it queued since the last reap in one io_uring_enter
+            with plug():
+                while inflight < depth:
+                    if submit is not None:
+                        submit(fd, buf, next(pos_it))
+                    else:
+                        submit_read(fd, bs, next(pos_it))
+                    inflight += 1
             inflight -= account(reap(1))
             if errors or time.perf_counter() >= end:
                 break

@@ -917,3 +917,45 @@ def test_zeroing_beyond_the_zero_buffer_uses_several_zero_bios(host):
         assert h.inode.dio_count == 0
     finally:
         h.close()
+
+
+# ---- blk_start_plug / blk_finish_plug on the thread's queue ---------------------------------
+
+def test_plug_holds_async_bios_until_finish_and_sync_dio_still_completes(host):
+    dev = ramdev()
+    ops = LayoutOps([(0, MiB, M, 0, 0)], dev)
+    host.inode.i_size = MiB
+    q = dev.queue()
+    got = []
+    cb = lambda i, r: got.append((i.private, r))
+    q.start_plug()
+    q.start_plug()                                   # nests
+    for i in range(4):
+        k = Kiocb(host.file, i * 4096, Iocb.DIRECT | Iocb.WRITE, cb, i)
+        assert dio_rw(k, abuf(4096, i + 1), ops) == EIOCBQUEUED
+    # nothing reached the device: every bio is still on the plug list
+    assert q.plugged == 4 and q.inflight == 4 and got == []
+    # a synchronous DIO under the plug flushes it before it waits (as schedule() does)
+    k = host.kiocb(8 * 4096, write=True)
+    assert dio_rw(k, abuf(4096, 9), ops) == 4096
+    assert dev.pread(4096, 8 * 4096) == bytes([9]) * 4096
+    q.finish_plug()                                  # inner level: no submission
+    k = Kiocb(host.file, 5 * 4096, Iocb.DIRECT | Iocb.WRITE, cb, 5)
+    assert dio_rw(k, abuf(4096, 6), ops) == EIOCBQUEUED
+    assert q.plugged == 1
+    q.finish_plug()                                  # outermost: one submission for all
+    assert q.plugged == 0
+    q.wait(q.inflight)
+    assert sorted(got) == [(0, 4096), (1, 4096), (2, 4096), (3, 4096), (5, 4096)]
+    for i in (0, 1, 2, 3):
+        assert dev.pread(4096, i * 4096) == bytes([i + 1]) * 4096
+    assert dev.pread(4096, 5 * 4096) == bytes([6]) * 4096
+    assert host.inode.dio_count == 0
+    with pytest.raises(InvariantError):
+        q.finish_plug()
+    # without a plug an async DIO reaches the device at once (a RamDev completes it
+    # inside unplug(), so the call returns the result itself)
+    k = Kiocb(host.file, 6 * 4096, Iocb.DIRECT | Iocb.WRITE, cb, 6)
+    assert dio_rw(k, abuf(4096, 7), ops) == 4096
+    assert q.plugged == 0 and q.inflight == 0
+    assert dev.pread(4096, 6 * 4096) == bytes([7]) * 4096

@@ -46,6 +46,7 @@ guards the process-wide set of claimed images.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno as _errno
 import fcntl
 import os
@@ -737,6 +738,33 @@ class Filesystem:
                        None if isinstance(path, int) else fspath(path))
 
     # -- asynchronous I/O ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def plug(self):
+        """Batch submissions, as the kernel's ``blk_start_plug``/``blk_finish_plug``.
+
+        Inside ``with fs.plug():`` the asynchronous I/Os this thread submits keep their
+        device requests queued, and leaving the block hands all of them to the device in
+        one submission (one ``io_uring_enter`` instead of one per I/O).  Synchronous calls
+        inside the block still complete before they return, and :meth:`reap` submits
+        whatever is queued before it waits.  Blocks nest; only the outermost submits::
+
+            with fs.plug():
+                for off in offsets:
+                    fs.submit_pwrite(fd, buf, off)
+            done = fs.reap(len(offsets))
+        """
+        self._live()
+        bdev = getattr(self.sb, "bdev", None)
+        q = bdev.queue() if bdev is not None else None
+        if q is None:
+            yield self
+            return
+        q.start_plug()
+        try:
+            yield self
+        finally:
+            q.finish_plug()
+
     def submit_pread(self, fd: int, length: int, offset: int) -> AsyncHandle:
         """Start an asynchronous pread; its result (bytes) comes from :meth:`reap`.
 

@@ -50,12 +50,23 @@ cdef class IoQueue:
     were processed (end_io called; n is capped at inflight, reap(0) only polls)
     and returns how many were processed, or -errno if the queue itself failed.
     A RamDev queue completes everything at unplug().
+
+    start_plug()/finish_plug() are the kernel's blk_start_plug/blk_finish_plug for
+    the thread owning the queue: while plug_depth > 0 an asynchronous DIO leaves
+    its bios on the plug list instead of unplugging after each one, so a batch of
+    submissions costs one device submission (io_uring_enter) at finish_plug() or
+    at the next reap/wait.  A synchronous DIO still unplugs before it waits (as
+    the kernel flushes the plug when a task sleeps).
     """
     cdef readonly BlockDev dev
     cdef readonly int inflight          # submitted, end_io not yet called (plugged included)
     cdef readonly int plugged           # on the plug list
+    cdef readonly int plug_depth        # start_plug() nesting (blk_start_plug): see below
     cdef readonly bint closed
+    cdef bio_t* plug_head               # bios submitted, not yet handed to the device
+    cdef bio_t* plug_tail
     cdef object __weakref__
+    cdef void plug_add(self, bio_t* b) noexcept nogil   # caller holds the plug lock, if any
     cdef int submit(self, bio_t* b) noexcept nogil
     cdef int unplug(self) noexcept nogil
     cdef int reap(self, int min_complete) noexcept nogil

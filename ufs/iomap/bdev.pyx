@@ -54,7 +54,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
-from ufs.errors import (AlignmentError, InvalidError, ReadOnlyError, from_errno)
+from ufs.errors import (AlignmentError, InvalidError, InvariantError, ReadOnlyError,
+                        from_errno)
 
 __all__ = ["BlockDev", "IoQueue", "RamDev", "DirectDev", "FaultDev", "AlignedBuffer",
            "BufPool", "aligned_buffer", "open_device", "BIO_READ", "BIO_WRITE", "BIO_FLUSH",
@@ -334,7 +335,40 @@ cdef class IoQueue:
     def __cinit__(self, *args, **kwargs):
         self.inflight = 0
         self.plugged = 0
+        self.plug_depth = 0
+        self.plug_head = NULL
+        self.plug_tail = NULL
         self.closed = False
+
+    cdef void plug_add(self, bio_t* b) noexcept nogil:
+        # every queue keeps submitted bios in order on one list until unplug();
+        # inflight counts them from here, so reap(n) sees them before the device does
+        if self.plug_tail == NULL:
+            self.plug_head = b
+        else:
+            self.plug_tail.next = b
+        self.plug_tail = b
+        self.plugged += 1
+        ufs_atomic_add(&self.inflight, 1)
+
+    def start_plug(self):
+        """Begin a batch (blk_start_plug): asynchronous DIOs started by this thread keep
+        their bios on the plug list until :meth:`finish_plug` (or a reap).  Nests."""
+        self.plug_depth += 1
+
+    def finish_plug(self):
+        """End a batch (blk_finish_plug): at the outermost level, hand every plugged
+        bio to the device in one submission.  Returns what unplug() completed inline."""
+        cdef int r = 0
+        if self.plug_depth <= 0:
+            raise InvariantError("finish_plug() without start_plug()")
+        self.plug_depth -= 1
+        if self.plug_depth == 0 and self.plugged:
+            with nogil:
+                r = self.unplug()
+            if r < 0:
+                raise from_errno(-r)
+        return r
 
     cdef int submit(self, bio_t* b) noexcept nogil:
         return -EINVAL
@@ -614,33 +648,23 @@ cdef struct ram_write:
 
 cdef class RamQueue(IoQueue):
     """Completes every plugged bio inline at unplug()."""
-    cdef bio_t* head
-    cdef bio_t* tail
     cdef RamDev rdev
 
     def __cinit__(self, RamDev dev):
         self.dev = dev
         self.rdev = dev
-        self.head = NULL
-        self.tail = NULL
 
     cdef int submit(self, bio_t* b) noexcept nogil:
         _bio_prepare(self.dev, b)
-        if self.tail == NULL:
-            self.head = b
-        else:
-            self.tail.next = b
-        self.tail = b
-        self.plugged += 1
-        ufs_atomic_add(&self.inflight, 1)
+        self.plug_add(b)
         return 0
 
     cdef int unplug(self) noexcept nogil:
-        cdef bio_t* b = self.head
+        cdef bio_t* b = self.plug_head
         cdef bio_t* nxt
         cdef int n = 0
-        self.head = NULL
-        self.tail = NULL
+        self.plug_head = NULL
+        self.plug_tail = NULL
         self.plugged = 0
         while b != NULL:
             nxt = b.next
@@ -651,7 +675,7 @@ cdef class RamQueue(IoQueue):
         return n
 
     cdef int reap(self, int min_complete) noexcept nogil:
-        if self.head != NULL:
+        if self.plug_head != NULL:
             return self.unplug()
         return 0
 
@@ -943,8 +967,6 @@ cdef class UringQueue(IoQueue):
     cdef bint fixed
     cdef int kinflight
     cdef int cq_cap
-    cdef bio_t* plug_head
-    cdef bio_t* plug_tail
     cdef bint has_reaper
     cdef bint stop
     cdef pthread_t reaper_thread
@@ -1036,13 +1058,7 @@ cdef class UringQueue(IoQueue):
         b.status = -EBADF if not self.ring_ok else self.dev.check_bio(b)
         if self.has_reaper:
             pthread_mutex_lock(&self.lock)
-        if self.plug_tail == NULL:
-            self.plug_head = b
-        else:
-            self.plug_tail.next = b
-        self.plug_tail = b
-        self.plugged += 1
-        ufs_atomic_add(&self.inflight, 1)
+        self.plug_add(b)
         if self.has_reaper:
             pthread_mutex_unlock(&self.lock)
         return 0
@@ -1377,8 +1393,6 @@ cdef class ThreadQueue(IoQueue):
     ``pending``; ``plug_lock`` guards the plug list in reaper mode.
     """
     cdef tq_state* st
-    cdef bio_t* plug_head
-    cdef bio_t* plug_tail
     cdef bint has_reaper
     cdef bint stop
     cdef pthread_t reaper_thread
@@ -1439,13 +1453,7 @@ cdef class ThreadQueue(IoQueue):
         b.status = -EBADF if self.st.pool == NULL else self.dev.check_bio(b)
         if self.has_reaper:
             pthread_mutex_lock(&self.plug_lock)
-        if self.plug_tail == NULL:
-            self.plug_head = b
-        else:
-            self.plug_tail.next = b
-        self.plug_tail = b
-        self.plugged += 1
-        ufs_atomic_add(&self.inflight, 1)
+        self.plug_add(b)
         if self.has_reaper:
             pthread_mutex_unlock(&self.plug_lock)
         return 0

@@ -626,16 +626,20 @@ cdef int _dio_iter(Dio dio, IomapIter it) except -1000:
 # __iomap_dio_rw / iomap_dio_complete / iomap_dio_rw
 # --------------------------------------------------------------------------------------------
 
-cdef inline void _unplug_all(Dio dio):
+cdef inline void _unplug_all(Dio dio, bint force):
+    # force: the submitter is about to wait, so the bios must reach the device even
+    # under the caller's start_plug() (the kernel flushes the plug when a task sleeps)
     cdef IoQueue q
     if dio.q0 is not None:
         q = dio.q0
-        with nogil:
-            q.unplug()
-    if dio.queues is not None:
-        for q in dio.queues:
+        if force or q.plug_depth == 0:
             with nogil:
                 q.unplug()
+    if dio.queues is not None:
+        for q in dio.queues:
+            if force or q.plug_depth == 0:
+                with nogil:
+                    q.unplug()
 
 
 cdef void _wait_for_bios(Dio dio):
@@ -773,7 +777,7 @@ cdef object _dio_start(Kiocb iocb, object iter, IomapOps ops, DioOps dops, unsig
             if r:
                 it.status = r
             if not plugged and dio.q0 is not None:
-                _unplug_all(dio)
+                _unplug_all(dio, False)
     except BaseException as e:
         # a bug or an interrupt in the middle of submission: fail the dio, but keep the
         # reference accounting intact (bios may be in flight)
@@ -808,12 +812,12 @@ cdef object _dio_start(Kiocb iocb, object iter, IomapOps ops, DioOps dops, unsig
     dio.wait_for_completion = wait
     dio.cur_iter = None
     if wait:
-        _unplug_all(dio)
+        _unplug_all(dio, True)
         _wait_for_bios(dio)
         ufs_dio_add(&dio.st.ref, -1)
         return dio
     if not plugged:
-        _unplug_all(dio)
+        _unplug_all(dio, False)
     Py_INCREF(dio)                      # owned by the bios in flight from now on
     if ufs_dio_add(&dio.st.ref, -1) == 0:
         Py_DECREF(dio)
