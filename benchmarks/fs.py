@@ -11,8 +11,10 @@ and the table.  Imports ``benchmarks.fio`` (fio, images, the kernel loop mount),
 Three sides per (personality, workload), run back to back, ``--rounds`` times interleaved:
 
 - ufs: the personality on its own image (opened O_DIRECT by ufs), through ``ufs.api``.  QD1 is
-  the synchronous ``pwrite``/``pread`` on an O_DIRECT descriptor with an aligned buffer; deeper
-  queues keep ``iodepth`` I/Os in flight with ``submit_pwrite``/``submit_pread`` + ``reap``.
+  the synchronous ``pwrite``/``preadinto`` on an O_DIRECT descriptor with an aligned buffer;
+  deeper queues keep ``iodepth`` I/Os in flight with ``submit_pwrite``/``submit_preadinto``
+  (one aligned buffer per I/O in flight) + ``reap``, each refill inside ``Filesystem.plug()``
+  so it reaches the device in one submission, as fio's io_uring engine submits a refill.
 - kernel: XFS (for xfslike) or btrfs (for btrfslike) on a loop device with ``--direct-io=on``,
   fio ``--direct=1 --ioengine=io_uring`` on a file in the mount; create+fsync is a Python loop of
   os.open/os.write/os.fsync/os.close in the mount.
@@ -258,10 +260,11 @@ class UfsTarget:
                 if time.perf_counter() >= end:
                     break
         else:
-            pread = fs.pread
+            # into an aligned buffer, as fio reads: no allocation, no bounce copy
+            preadinto = fs.preadinto
             while True:
                 for _ in range(16):
-                    got = len(pread(fd, bs, next(pos_it)))
+                    got = preadinto(fd, buf, next(pos_it))
                     if got != bs:
                         raise OSError(f"short read: {got} of {bs}")
                 n += 16
@@ -276,14 +279,20 @@ class UfsTarget:
         buf = memoryview(self.aligned_buffer(bs))
         pos_it = positions(w, span)
         submit = fs.submit_pwrite if w.is_write else None
-        submit_read = fs.submit_pread
+        submit_read = fs.submit_preadinto
+        # reads: one aligned buffer per I/O in flight (as fio's iodepth buffers), handed
+        # back to the free list when the read completes
+        free = [memoryview(self.aligned_buffer(bs)) for _ in range(0 if w.is_write else depth)]
+        busy = {}
         reap = fs.reap
         inflight = done = 0
         errors = []
 
         def account(completions):
             nonlocal done
-            for _h, res in completions:
+            for h, res in completions:
+                if busy:
+                    free.append(busy.pop(h))
                 if isinstance(res, BaseException):
                     errors.append(res)
                 elif (res if isinstance(res, int) else len(res)) != bs:
@@ -302,7 +311,8 @@ class UfsTarget:
                     if submit is not None:
                         submit(fd, buf, next(pos_it))
                     else:
-                        submit_read(fd, bs, next(pos_it))
+                        rbuf = free.pop()
+                        busy[submit_read(fd, rbuf, next(pos_it))] = rbuf
                     inflight += 1
             inflight -= account(reap(1))
             if errors or time.perf_counter() >= end:
