@@ -555,8 +555,9 @@ def test_begin_error_fails_the_whole_call_even_after_io(host):
 
 def test_device_error_fails_call_first_error_wins(host):
     dev = faultdev()
-    # two mappings: the first one's bios end (with ENOSPC) at its unplug, before the second
-    # mapping is submitted; that one would fail with EIO but is never even issued
+    # two mappings, one plug (a waiting DIO submits all its mappings' bios together, as
+    # __iomap_dio_rw plugs around its loop): the device completes them in order, so the
+    # ENOSPC of the first mapping is the first error and wins over the later EIO
     ops = LayoutOps([(0, 2 * MiB, M, 0, 0), (2 * MiB, 2 * MiB, M, 0, 2 * MiB)], dev)
     dops = RecordingDioOps(host.events)
     host.inode.i_size = 4 * MiB
@@ -566,8 +567,8 @@ def test_device_error_fails_call_first_error_wins(host):
     with pytest.raises(NoSpaceError):
         dio_rw(k, abuf(3 * MiB), ops, dops)
     assert k.ki_pos == 0 and host.file.fsyncs == []
-    assert dops.calls[0][1] == -errno.ENOSPC and dops.calls[0][0] == 2 * MiB
-    assert [b[1] for b in data_bios(dev)] == [0, MiB]        # nothing issued after the error
+    assert dops.calls[0][1] == -errno.ENOSPC and dops.calls[0][0] == 3 * MiB
+    assert [b[1] for b in data_bios(dev)] == [0, MiB, 2 * MiB]
     assert host.inode.dio_count == 0
 
 

@@ -109,6 +109,54 @@ cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char* mem, Py_ssize_t size, int flags)
 
 
+# A thread that Python did not create (a libfuse worker, any C library's thread) gets a
+# fresh Python thread state each time it takes the GIL and loses it when it lets go, and
+# threading.local dies with it: its io_uring ring was set up and torn down per request
+# (io_uring_setup + 3 mmaps + close per FUSE WRITE).  ufs_tstate_pin() keeps the calling
+# foreign thread's state for the life of the OS thread (one extra PyGILState_Ensure); a
+# pthread key destructor gives it back when the thread exits, which drops the thread's
+# queue like any other thread-local.
+cdef extern from *:
+    """
+    #include <pthread.h>
+    static pthread_key_t ufs_tstate_key;
+    static pthread_once_t ufs_tstate_once = PTHREAD_ONCE_INIT;
+    static __thread int ufs_tstate_pinned;
+
+    static void ufs_tstate_unpin(void *ts)
+    {
+        /* At thread exit glibc has already cleared CPython's own thread-state key (it
+           clears every key's value as it walks them), so PyGILState_* cannot find this
+           thread's state any more: use the one we stored and delete it by hand. */
+        if (ts == NULL || !Py_IsInitialized() || _Py_IsFinalizing())
+            return;
+        PyEval_RestoreThread((PyThreadState *)ts);
+        PyThreadState_Clear((PyThreadState *)ts);
+        PyThreadState_DeleteCurrent();
+    }
+
+    static void ufs_tstate_mkkey(void)
+    {
+        pthread_key_create(&ufs_tstate_key, ufs_tstate_unpin);
+    }
+
+    /* Call with the GIL held, from a thread Python did not create. */
+    static int ufs_tstate_pin(void)
+    {
+        if (ufs_tstate_pinned)
+            return 0;
+        if (pthread_once(&ufs_tstate_once, ufs_tstate_mkkey) != 0)
+            return -1;
+        if (pthread_setspecific(ufs_tstate_key, PyThreadState_Get()) != 0)
+            return -1;
+        PyGILState_Ensure();
+        ufs_tstate_pinned = 1;
+        return 0;
+    }
+    """
+    int ufs_tstate_pin()
+
+
 cdef extern from "ufs_bdev.h" nogil:
     int ufs_atomic_add(int* p, int v)
     int ufs_atomic_load(const int* p)
@@ -490,6 +538,10 @@ cdef class BlockDev:
         if q is None:
             if self.closed:
                 raise from_errno(_errno.EBADF, "device is closed")
+            if isinstance(threading.current_thread(), threading._DummyThread):
+                # a foreign thread: keep its thread state (and so this queue) for the
+                # life of the OS thread, not of the current GIL section
+                ufs_tstate_pin()
             q = self._new_thread_queue()
             self._local.q = q
         return <IoQueue>q
@@ -1809,7 +1861,8 @@ cdef class FaultQueue(IoQueue):
     """
     cdef IoQueue inner
     cdef FaultDev fdev
-    cdef bio_t* local_head       # failed/dropped bios awaiting completion
+    cdef bio_t* local_head       # failed/dropped bios awaiting completion, in submission
+    cdef bio_t* local_tail       # order (a device completes a plug's requests in order)
 
     def __cinit__(self, FaultDev dev, IoQueue inner):
         self.dev = dev
@@ -1836,17 +1889,13 @@ cdef class FaultQueue(IoQueue):
         if err or keep == 0:
             b.status = -err
             dev._log[idx][5] = -err
-            b.next = self.local_head
-            self.local_head = b
-            self.plugged += 1
+            self._hold(b)
             return
         sh = <fault_shadow*>calloc(1, sizeof(fault_shadow))
         if sh == NULL:
             b.status = -ENOMEM
             dev._log[idx][5] = -ENOMEM
-            b.next = self.local_head
-            self.local_head = b
-            self.plugged += 1
+            self._hold(b)
             return
         sh.b = b[0]
         sh.b.end_io = _fault_end_io
@@ -1860,6 +1909,15 @@ cdef class FaultQueue(IoQueue):
             sh.b.length = <size_t>keep
             sh.torn = True
         self.inner.submit(&sh.b)
+
+    cdef void _hold(self, bio_t* b) noexcept nogil:
+        b.next = NULL
+        if self.local_tail == NULL:
+            self.local_head = b
+        else:
+            self.local_tail.next = b
+        self.local_tail = b
+        self.plugged += 1
 
     cdef void _finish(self, fault_shadow* sh):
         cdef bio_t* orig = sh.orig
@@ -1876,6 +1934,7 @@ cdef class FaultQueue(IoQueue):
         cdef bio_t* nxt
         cdef int n = 0
         self.local_head = NULL
+        self.local_tail = NULL
         while b != NULL:
             nxt = b.next
             b.next = NULL

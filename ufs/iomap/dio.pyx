@@ -626,6 +626,11 @@ cdef int _dio_iter(Dio dio, IomapIter it) except -1000:
 # __iomap_dio_rw / iomap_dio_complete / iomap_dio_rw
 # --------------------------------------------------------------------------------------------
 
+# a waiting DIO's plug is flushed once this many bios are on it (BLK_MAX_REQUEST_COUNT)
+cdef enum:
+    _PLUG_FLUSH_BIOS = 32
+
+
 cdef inline void _unplug_all(Dio dio, bint force):
     # force: the submitter is about to wait, so the bios must reach the device even
     # under the caller's start_plug() (the kernel flushes the plug when a task sleeps)
@@ -776,7 +781,12 @@ cdef object _dio_start(Kiocb iocb, object iter, IomapOps ops, DioOps dops, unsig
             r = _dio_iter(dio, it)
             if r:
                 it.status = r
-            if not plugged and dio.q0 is not None:
+            # A DIO that will wait keeps its bios plugged across mappings (as the kernel's
+            # __iomap_dio_rw plugs around its loop) so submission and the wait are one
+            # io_uring_enter; a long one still goes out every _PLUG_FLUSH_BIOS bios so the
+            # device works while the rest is mapped.
+            if not plugged and dio.q0 is not None and (
+                    not wait or dio.q0.plugged >= _PLUG_FLUSH_BIOS):
                 _unplug_all(dio, False)
     except BaseException as e:
         # a bug or an interrupt in the middle of submission: fail the dio, but keep the
@@ -812,7 +822,10 @@ cdef object _dio_start(Kiocb iocb, object iter, IomapOps ops, DioOps dops, unsig
     dio.wait_for_completion = wait
     dio.cur_iter = None
     if wait:
-        _unplug_all(dio, True)
+        # reaping the submitter's queue submits what is plugged on it and waits in one
+        # io_uring_enter; other queues (rare: a mapping on another device) unplug first
+        if dio.queues is not None or dio.q0 is None:
+            _unplug_all(dio, True)
         _wait_for_bios(dio)
         ufs_dio_add(&dio.st.ref, -1)
         return dio
