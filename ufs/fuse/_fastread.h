@@ -9,12 +9,12 @@
  *   the generation it was filled under; the comparison is made after the read has entered
  *   (ufs_fast_enter), so a read that entered uses a mapping no request has changed since.
  * - Freeze: the requests that can free blocks (truncate, unlink, rename over a file, release
- *   of an unlinked file) call ufs_freeze() first: it raises g_freezing and waits until no fast
- *   read is in flight (g_fast_inflight == 0: entered, device I/O not yet completed); reads
- *   that find g_freezing raised take the Python path (the library's own locks).  Both sides
- *   use sequentially consistent atomics (increment-then-check against set-then-check), so
- *   either the read sees the freeze or the freezer sees the read.  ufs_thaw() ends it.
- *   g_freeze_mutex serialises freezers only.
+ *   of an unlinked file, fallocate) call ufs_freeze() first: it raises g_freezing and waits
+ *   until no fast read is in flight (g_fast_inflight == 0: entered, device I/O not yet
+ *   completed); reads that find g_freezing raised take the Python path (the library's own
+ *   locks).  Both sides use sequentially consistent atomics (increment-then-check against
+ *   set-then-check), so either the read sees the freeze or the freezer sees the read.
+ *   ufs_thaw() ends it.  g_freeze_mutex serialises freezers only.
  * - fh->lock is a leaf, never held while the GIL is taken or a freeze is waited for.
  */
 #ifndef UFS_FASTREAD_H

@@ -20,7 +20,18 @@ Design:
   library's exact answer (EINVAL for misaligned O_DIRECT, ...).
 - Mapping generation and freeze lock: see ``_fastread.h``.  Requests that may change a
   mapping or size bump the generation before and after the Python call; those that may free
-  blocks also hold the freeze lock exclusive around it.
+  blocks also hold the freeze lock exclusive around it.  fallocate is a freeze request (punch
+  and zero-range free blocks, preallocation changes maps and size); copy_file_range writes
+  the destination as write(2) does (bump); lseek SEEK_DATA/SEEK_HOLE is read-only.
+- fallocate, lseek (SEEK_DATA/SEEK_HOLE) and copy_file_range reach the adapter's handlers of
+  the same names; errors are the library's errno (never ENOSYS, which the kernel would cache
+  as "not implemented" for the whole connection).
+- readdirplus: names with attributes, so ``ls -l`` needs no LOOKUP per name.  Each entry in
+  a reply is one lookup for the kernel; the adapter counts exactly those, before the reply is
+  sent, and takes them back if the reply cannot be delivered (``ll_readdirplus``).
+  ``$UFS_FUSE_READDIRPLUS=0`` leaves it out (plain readdir, a LOOKUP per name), for
+  comparisons.  ``stats()`` reports LOOKUP/READDIRPLUS counts and the inodes the adapter still
+  knew at close (the kernel forgets nothing at unmount).
 
 Errors: a Python handler's ``FUSEError``/``OSError`` becomes its errno; anything else is logged
 and answered EIO (the adapter's rule).  Signals: libfuse's handlers (SIGINT/SIGTERM/SIGHUP)
@@ -143,6 +154,11 @@ cdef extern from *:
         void (*create)(fuse_req_t, fuse_ino_t, const char*, unsigned int,
                        fuse_file_info*) noexcept
         void (*forget_multi)(fuse_req_t, size_t, fuse_forget_data*) noexcept
+        void (*fallocate)(fuse_req_t, fuse_ino_t, int, long, long, fuse_file_info*) noexcept
+        void (*readdirplus)(fuse_req_t, fuse_ino_t, size_t, long, fuse_file_info*) noexcept
+        void (*copy_file_range)(fuse_req_t, fuse_ino_t, long, fuse_file_info*, fuse_ino_t,
+                                long, fuse_file_info*, size_t, int) noexcept
+        void (*lseek)(fuse_req_t, fuse_ino_t, long, int, fuse_file_info*) noexcept
 
     int FUSE_SET_ATTR_SIZE
     int FUSE_ROOT_ID
@@ -178,8 +194,11 @@ cdef extern from *:
     int fuse_reply_buf(fuse_req_t req, const char* buf, size_t size) nogil
     int fuse_reply_statfs(fuse_req_t req, const statvfs* stbuf) nogil
     int fuse_reply_xattr(fuse_req_t req, size_t count) nogil
+    int fuse_reply_lseek(fuse_req_t req, long off) nogil
     size_t fuse_add_direntry(fuse_req_t req, char* buf, size_t bufsize, const char* name,
                              const stat* stbuf, long off) nogil
+    size_t fuse_add_direntry_plus(fuse_req_t req, char* buf, size_t bufsize, const char* name,
+                                  const fuse_entry_param* e, long off) nogil
 
 cdef extern from "_fastread.h" nogil:
     ctypedef struct ufs_ext:
@@ -236,6 +255,9 @@ cdef object _ops = None              # the NativeOperations being served (one se
 cdef object _FUSEError = None
 cdef fuse_session* _se = NULL
 cdef bint _inited = False
+cdef object _nodes_at_close = None   # inodes the adapter still knew when the session ended
+cdef uint64_t _n_lookups = 0         # LOOKUP requests (GIL held: plain increments)
+cdef uint64_t _n_readdirplus = 0     # READDIRPLUS requests
 
 cdef enum:
     _ENOMEM = 12
@@ -340,6 +362,8 @@ cdef void _reply_entry_call(fuse_req_t req, int cls, str name, tuple args) noexc
 
 
 cdef void ll_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept with gil:
+    global _n_lookups
+    _n_lookups += 1
     _reply_entry_call(req, CLS_READONLY, "lookup", (parent, <bytes>name, _ctx(req)))
 
 
@@ -592,6 +616,47 @@ cdef void ll_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, long off,
     free(buf)
 
 
+cdef void ll_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, long off,
+                         fuse_file_info* fi) noexcept with gil:
+    """Entries with their attributes.  Lookup counts: every entry in the reply is one lookup
+    for the kernel (it links each, or forgets it if it cannot), so exactly the entries that fit
+    in the buffer are counted, before the reply goes out (a FORGET may follow it at once), and
+    uncounted again if the reply could not be delivered (the kernel never saw them)."""
+    cdef fuse_entry_param e
+    cdef char* buf = <char*>malloc(size)
+    cdef size_t used = 0, need
+    cdef int err = 0, rc
+    cdef list taken = []
+    global _n_readdirplus
+    _n_readdirplus += 1
+    if buf == NULL:
+        fuse_reply_err(req, _errno.ENOMEM)
+        return
+    try:
+        # a 152-byte header (dirent + entry_out) and 8-byte padding per entry
+        for name, t, nxt, key in _ops.n_readdirplus(fi.fh, off, size // 152 + 1):
+            _fill_entry(&e, t)
+            need = fuse_add_direntry_plus(req, buf + used, size - used, name, &e, nxt)
+            if need > size - used:
+                break                   # not written: not returned, not counted
+            used += need
+            taken.append(key)
+        _ops.n_readdirplus_count(fi.fh, taken)
+    except BaseException as exc:
+        err = _errno_of(exc)
+    if err:
+        fuse_reply_err(req, err)
+    else:
+        with nogil:
+            rc = fuse_reply_buf(req, buf, used)
+        if rc != 0 and taken:
+            try:
+                _ops.n_readdirplus_uncount(fi.fh, taken)
+            except BaseException as exc:
+                _errno_of(exc)
+    free(buf)
+
+
 # -- files --------------------------------------------------------------------------------------------
 cdef int _open_reply(fuse_req_t req, fuse_file_info* fi, tuple r,
                      fuse_entry_param* e) noexcept with gil:
@@ -675,6 +740,49 @@ cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size,
         _enter(CLS_BUMP)
     try:
         n = _ops.call("write", fd, off, buf[:size])
+    except BaseException as exc:
+        err = _errno_of(exc)
+    with nogil:
+        _leave(CLS_BUMP)
+        if err:
+            fuse_reply_err(req, err)
+        else:
+            fuse_reply_write(req, n)
+
+
+cdef void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, long offset, long length,
+                       fuse_file_info* fi) noexcept with gil:
+    # preallocation changes mappings (unwritten extents, i_size); PUNCH_HOLE and ZERO_RANGE
+    # free blocks a fast read may have mapped: the freeze class, as truncate
+    _reply_err_call(req, CLS_FREEZE, "fallocate", (_fd_of(fi), mode, offset, length))
+
+
+cdef void ll_lseek(fuse_req_t req, fuse_ino_t ino, long off, int whence,
+                   fuse_file_info* fi) noexcept with gil:
+    cdef int err = 0
+    cdef long pos = 0
+    try:
+        pos = _ops.call("lseek", _fd_of(fi), off, whence)
+    except BaseException as exc:
+        err = _errno_of(exc)
+    with nogil:
+        if err:
+            fuse_reply_err(req, err)
+        else:
+            fuse_reply_lseek(req, pos)
+
+
+cdef void ll_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, long off_in,
+                             fuse_file_info* fi_in, fuse_ino_t ino_out, long off_out,
+                             fuse_file_info* fi_out, size_t length, int flags) noexcept with gil:
+    # writes the destination like write(2) (may allocate, never frees): the bump class
+    cdef int err = 0
+    cdef size_t n = 0
+    with nogil:
+        _enter(CLS_BUMP)
+    try:
+        n = _ops.call("copy_file_range", _fd_of(fi_in), off_in, _fd_of(fi_out), off_out,
+                      length, flags)
     except BaseException as exc:
         err = _errno_of(exc)
     with nogil:
@@ -938,12 +1046,16 @@ cdef void _build_ops():
     _llops.listxattr = ll_listxattr
     _llops.removexattr = ll_removexattr
     _llops.create = ll_create
+    _llops.fallocate = ll_fallocate
+    _llops.lseek = ll_lseek
+    _llops.copy_file_range = ll_copy_file_range
 
 
 def stats() -> dict:
-    """Counters of the read paths (for benchmarks and tests)."""
+    """Counters of the read paths and the inodes known at close (for benchmarks and tests)."""
     return {"fast_reads": g_fast_reads, "fast_misses": g_fast_misses,
-            "slow_reads": g_slow_reads, "generation": ufs_gen_load()}
+            "slow_reads": g_slow_reads, "generation": ufs_gen_load(),
+            "lookups": _n_lookups, "readdirplus": _n_readdirplus, "nodes": _nodes_at_close}
 
 
 def mount(ops, str mountpoint, options, unsigned int max_background=64) -> None:
@@ -974,6 +1086,11 @@ def mount(ops, str mountpoint, options, unsigned int max_background=64) -> None:
     global _fastq
     _fastq = ops.fast_queue
     g_dev_fd_set(ops.dev_fd, ops.dev_lbs)
+    # $UFS_FUSE_READDIRPLUS=0: plain readdir only (a LOOKUP per name; for comparisons)
+    if os.environ.get("UFS_FUSE_READDIRPLUS") == "0":
+        _llops.readdirplus = NULL
+    else:
+        _llops.readdirplus = ll_readdirplus
     se = fuse_session_new(&args, &_llops, sizeof(fuse_lowlevel_ops), NULL)
     free(cargv)
     if se == NULL:
@@ -1022,7 +1139,7 @@ def loop(int max_threads=32, int idle_threads=16) -> int:
 
 def close(bint unmount=True) -> None:
     """Unmount (if asked) and destroy the session (no request is being served after it)."""
-    global _se, _ops, _fastq
+    global _se, _ops, _fastq, _nodes_at_close
     if _se == NULL:
         return
     cdef fuse_session* se = _se
@@ -1031,6 +1148,12 @@ def close(bint unmount=True) -> None:
             fuse_session_unmount(se)
         fuse_session_destroy(se)
     _se = NULL
+    try:
+        # lookups the kernel never forgot (it forgets nothing at unmount): the root, plus
+        # whatever it still had cached; tests use it to check the lookup-count accounting
+        _nodes_at_close = len(_ops._nodes)
+    except Exception:
+        _nodes_at_close = None
     _ops = None
     if _fastq is not None:
         _fastq.close()       # every fast read has completed: the loop has ended

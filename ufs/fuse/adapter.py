@@ -21,6 +21,11 @@ What it owns: the translation of the kernel's inode-based requests to the VFS.
   open keeps ``O_DIRECT`` on the ufs descriptor (the ufs DIO engine serves it) and sets
   ``direct_io`` so the kernel sends each I/O as issued, bypassing its page cache; other opens
   go through the personality's buffered path.
+- Space and data-range requests (``fallocate``, ``lseek`` SEEK_DATA/SEEK_HOLE,
+  ``copy_file_range``) run on the open descriptors through the public Filesystem calls.  Only
+  the native engine delivers them: pyfuse3 3.x has no hooks for them, so under the pyfuse3
+  engine the kernel keeps its own answers (EOPNOTSUPP for fallocate, "the whole file is data"
+  for SEEK_DATA/SEEK_HOLE, a read/write copy for copy_file_range).
 
 Errors: an ``OSError`` becomes ``FUSEError(errno)`` (the library already gives Linux's
 errno).  Anything else is logged with its traceback and becomes EIO; the mount keeps serving.
@@ -45,7 +50,13 @@ import threading
 import pyfuse3
 import trio
 
-from ufs.vfs.ops import Iattr
+from ufs.errors import from_errno
+from ufs.vfs.ops import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Iattr,
+)
 
 __all__ = ["ROOT_ID", "UfsOperations"]
 
@@ -57,6 +68,14 @@ ROOT_ID = pyfuse3.ROOT_INODE
 #: this mount, so a short cache is coherent and saves most getattr/lookup round trips
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
+
+#: the fallocate modes the kernel's FUSE client forwards (fuse_file_fallocate answers
+#: EOPNOTSUPP for any other bit itself)
+FUSE_FALLOC_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+#: copy_file_range moves data in pieces of this size (bounded memory per request)
+COPY_CHUNK = 1 << 20
+_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
 _ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
@@ -498,6 +517,114 @@ class UfsOperations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         await self._run(self.fs.fdatasync if datasync else self.fs.fsync, fh)
 
+    # -- space and data ranges (native engine only: pyfuse3 3.x has no such hooks) ------------
+    async def fallocate(self, fh, mode, offset, length):
+        """``fallocate(2)`` on the open descriptor.  The kernel forwards only KEEP_SIZE,
+        PUNCH_HOLE and ZERO_RANGE; anything else is answered EOPNOTSUPP here as the kernel's
+        FUSE client would, before the library sees it."""
+        if mode & ~FUSE_FALLOC_MODES:
+            raise pyfuse3.FUSEError(_errno.EOPNOTSUPP)
+        await self._run(self.fs.fallocate, fh, mode, offset, length)
+
+    async def lseek(self, fh, offset, whence):
+        """SEEK_DATA/SEEK_HOLE (the only whence the kernel sends; ENXIO at or past EOF as the
+        library says).  The ufs descriptor's own position moves too: nothing uses it (every
+        read and write of the adapter is positional)."""
+        if whence not in (_SEEK_DATA, _SEEK_HOLE):
+            raise pyfuse3.FUSEError(_errno.EINVAL)
+        return await self._run(self.fs.lseek, fh, offset, whence)
+
+    async def copy_file_range(self, fh_in, off_in, fh_out, off_out, length, flags):
+        """Copy up to ``length`` bytes from ``fh_in`` at ``off_in`` to ``fh_out`` at
+        ``off_out``; returns the bytes copied (short at the source's EOF)."""
+        if flags:
+            raise pyfuse3.FUSEError(_errno.EINVAL)
+        return await self._run(self._copy_range, fh_in, off_in, fh_out, off_out, length)
+
+    def _copy_range(self, fd_in, off_in, fd_out, off_out, length) -> int:
+        """The copy, in COPY_CHUNK pieces of pread + pwrite.
+
+        The kernel already ran generic_copy_file_checks (regular files, access modes, no
+        O_APPEND, no overlap within one file, clamped to the source's EOF); they are repeated
+        cheaply so a direct caller gets Linux's errno too.  O_DIRECT descriptors: a piece that
+        is not block aligned is read as the aligned range around it and cut, and written
+        through a buffered descriptor of the same inode (as the kernel copies through the
+        page cache whatever the open flags), so any range works as on a local filesystem.
+        An error after some bytes were copied ends the copy short (what was copied counts).
+        """
+        fdt = self.fs.fdtable
+        fin, fout = fdt.get(fd_in), fdt.get(fd_out)
+        src, dst = fin.f_inode, fout.f_inode
+        if _stat.S_ISDIR(src.i_mode) or _stat.S_ISDIR(dst.i_mode):
+            raise from_errno(_errno.EISDIR, "is a directory")
+        if not _stat.S_ISREG(src.i_mode) or not _stat.S_ISREG(dst.i_mode):
+            raise from_errno(_errno.EINVAL, "not a regular file")
+        if not fin.readable or not fout.writable or fout.f_flags & os.O_APPEND:
+            raise from_errno(_errno.EBADF, "bad descriptor for copy_file_range")
+        if off_in < 0 or off_out < 0 or length < 0:
+            raise from_errno(_errno.EINVAL, "negative offset or length")
+        if src is dst and off_out + length > off_in and off_out < off_in + length:
+            raise from_errno(_errno.EINVAL, "overlapping ranges in one file")
+        bs = self.fs.sb.s_blocksize
+        in_direct = bool(fin.f_flags & os.O_DIRECT)
+        out_direct = bool(fout.f_flags & os.O_DIRECT)
+        shadow = None
+        done = 0
+        try:
+            while done < length:
+                want = min(COPY_CHUNK, length - done)
+                pos_in, pos_out = off_in + done, off_out + done
+                try:
+                    if in_direct and (pos_in | want) % bs:
+                        a = pos_in - pos_in % bs
+                        b = -(-(pos_in + want) // bs) * bs
+                        data = self.fs.pread(fd_in, b - a, a)[pos_in - a:pos_in - a + want]
+                    else:
+                        data = self.fs.pread(fd_in, want, pos_in)
+                    if not data:
+                        break
+                    wfd = fd_out
+                    if out_direct and (pos_out | len(data)) % bs:
+                        if shadow is None:
+                            shadow = self._buffered_twin(fout)
+                        wfd = shadow
+                    view = memoryview(data)
+                    put = 0
+                    while put < len(view):
+                        n = self.fs.pwrite(wfd, view[put:], pos_out + put)
+                        if n <= 0:
+                            raise from_errno(_errno.EIO, "short write")
+                        put += n
+                except OSError:
+                    if done:
+                        break           # a short copy, as the kernel returns it
+                    raise
+                done += len(data)
+                if len(data) < want:
+                    break               # the source's EOF
+        finally:
+            if shadow is not None:
+                self.fs.close(shadow)
+        return done
+
+    def _buffered_twin(self, file) -> int:
+        """A buffered (not O_DIRECT) write descriptor of ``file``'s inode, found by the name
+        the kernel knows it under.  EOPNOTSUPP when it has none now (unlinked, raced with a
+        rename): the kernel's FUSE client then copies through read/write itself."""
+        inode = file.f_inode
+        try:
+            path = self._path(self._fino(inode.i_ino))
+        except pyfuse3.FUSEError:
+            path = None
+        if path is None:
+            raise from_errno(_errno.EOPNOTSUPP, "no name to reopen the destination by")
+        keep = file.f_flags & (os.O_DSYNC | os.O_SYNC)
+        fd = self.fs.open(path, os.O_WRONLY | keep)
+        if self.fs.fdtable.get(fd).f_inode is not inode:
+            self.fs.close(fd)
+            raise from_errno(_errno.EOPNOTSUPP, "destination renamed during copy_file_range")
+        return fd
+
     # -- xattrs --------------------------------------------------------------------------------
     async def getxattr(self, inode, name, ctx):
         ino = self._node(inode).inode
@@ -554,7 +681,8 @@ def _guard(name: str, fn):
 _HANDLERS = ("lookup", "forget", "getattr", "setattr", "readlink", "statfs", "opendir",
              "readdir", "releasedir", "fsyncdir", "mkdir", "rmdir", "unlink", "symlink", "link",
              "rename", "open", "create", "read", "write", "flush", "release", "fsync",
-             "getxattr", "setxattr", "listxattr", "removexattr")
+             "fallocate", "lseek", "copy_file_range", "getxattr", "setxattr", "listxattr",
+             "removexattr")
 for _name in _HANDLERS:
     setattr(UfsOperations, _name, _guard(_name, getattr(UfsOperations, _name)))
 del _name

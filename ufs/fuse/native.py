@@ -10,6 +10,9 @@ What it owns:
   coroutines that only ever await ``_run``; here ``_run`` calls the filesystem inline, so a
   handler never suspends and :meth:`call` drives it to completion with one ``send``.
 - The flat conversions the C side wants (entry tuples, open results, readdir slices).
+- readdirplus (``n_readdirplus*``): the entries with attributes; each entry the kernel
+  receives counts as one lookup exactly as ``lookup`` counts it (``_remember``), and only
+  those (see ``ll_readdirplus``).  The pyfuse3 engine does the same in the adapter's readdir.
 - :meth:`NativeOperations.fast_map`: what the C read fast path asks once per extent: the
   file's size and its mapping as the personality's ``iomap_begin`` gives it for a DIO read.
 
@@ -167,6 +170,49 @@ class NativeOperations(UfsOperations):
             name, ino, dtype = entries[i]
             out.append((os.fsencode(name), self._fino(ino), int(dtype or 0), i + 1))
         return out
+
+    def n_readdirplus(self, fh: int, start: int, max_n: int) -> list:
+        """Entries ``start..`` of an open directory with attributes, as ``(name bytes, entry
+        tuple, next offset, key)``; ``key`` goes back to :meth:`n_readdirplus_count` for the
+        entries the reply really holds.  Nothing is counted here: the C side decides how many
+        fit.  An entry removed since opendir (its inode is gone) is left out."""
+        with self._lock:
+            _parent, entries = self._dirs[fh]
+        iget = self.fs.sb.s_op.iget
+        out = []
+        i = start
+        while i < len(entries) and len(out) < max_n:
+            name, ino, _dtype = entries[i]
+            i += 1
+            try:
+                inode = iget(ino)
+            except OSError:
+                continue
+            out.append((os.fsencode(name), entry_tuple(self._attrs(inode)), i, (name, inode)))
+        return out
+
+    def n_readdirplus_count(self, fh: int, taken: list) -> None:
+        """One lookup for each entry a readdirplus reply holds (as ``lookup`` would count
+        it).  All or none: a failure part way takes back what it added."""
+        with self._lock:
+            parent, _entries = self._dirs[fh]
+        done = []
+        try:
+            for name, inode in taken:
+                self._remember(parent, name, inode)
+                done.append((name, inode))
+        except BaseException:
+            self._uncount(done)
+            raise
+
+    def n_readdirplus_uncount(self, fh: int, taken: list) -> None:
+        """The reply of :meth:`n_readdirplus_count`'s entries was not delivered: the kernel
+        never saw them, so take the lookups back (a FORGET of one each)."""
+        self._uncount(taken)
+
+    def _uncount(self, taken: list) -> None:
+        if taken:
+            self.call("forget", [(self._fino(inode.i_ino), 1) for _name, inode in taken])
 
     # -- the fast path's map fetch -------------------------------------------------------------
     def fast_map(self, fd: int, pos: int, length: int):
