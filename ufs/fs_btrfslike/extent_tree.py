@@ -29,6 +29,12 @@ Freeing (the crash-safety rule): an extent whose count reaches 0
   transaction manager calls after the commit that freed it is durable.  So a block the last
   committed generation references is never overwritten.
 
+Metadata reserve (btrfs's global block reserve): a commit copies tree nodes, so it needs free
+space however full the data is.  ``alloc_data`` refuses (ENOSPC) any data allocation that would
+leave less than ``meta_reserve`` bytes free; only tree blocks may use that last part, so a
+commit (and so an unmount) never fails for want of space after data filled the device.
+``data_avail()`` is what data may still take; statfs reports it as ``f_bavail``.
+
 Data reservations: ``alloc_data`` reserves space with 0 references.  The reservation survives
 commits (an in-flight DIO write may span one) until the first ``inc_data_ref`` or
 ``release_data``; after a crash an unreferenced reservation is simply free space again.
@@ -339,10 +345,25 @@ class ExtentTree:
 
     # ------------------------------------------------------------------ data extents
 
+    @property
+    def meta_reserve(self):
+        """Bytes only tree blocks may use: 1/64 of the device, at least 64 nodes (a commit
+        of a deep tree), at most 512 MiB (btrfs caps its global reserve there too)."""
+        total = self.fs.total_bytes
+        return min(max(total // 64, 64 * self.nodesize), 512 << 20, total // 4)
+
+    def data_avail(self):
+        """Bytes data allocations may still take (free space beyond the metadata reserve)."""
+        return max(0, self.free.free_bytes - self.meta_reserve)
+
     def alloc_data(self, trans, num_bytes):
-        """Reserve ``num_bytes`` (a multiple of the sector size) for data; 0 references yet."""
+        """Reserve ``num_bytes`` (a multiple of the sector size) for data; 0 references yet.
+        NoSpaceError when that would eat into the metadata reserve."""
         if num_bytes <= 0 or num_bytes % self.sectorsize:
             raise InvariantError(f"data extent of {num_bytes} bytes")
+        if num_bytes > self.data_avail():
+            raise NoSpaceError(f"no room for {num_bytes} bytes of data "
+                               f"({self.meta_reserve} bytes are kept for metadata)")
         addr = self.free.alloc(num_bytes, self.sectorsize, "data", self.fs.total_bytes // 8)
         self.pending[addr] = DelayedRef(num_bytes, False, new=True, refs=0,
                                         generation=trans.transid)

@@ -634,6 +634,17 @@ class BtrfsFileOps(FileOperations):
                 cur = max(cur, kpos + extent_len(fe))
             if cur < b:
                 gaps.append((cur, b))
+            # all or nothing, as btrfs reserves the whole range before allocating: a
+            # half-done preallocation that then fails would keep the space it took
+            need = sum(hi - lo for lo, hi in gaps)
+            if need > tm.extents.data_avail() and tm.extents.pinned_bytes:
+                # space freed in this transaction comes back with a commit
+                tm.commit()
+                trans = self.sb.start()
+                tree = tm.tree(inode.tree_id)
+            if need > tm.extents.data_avail():
+                raise NoSpaceError(f"fallocate needs {need} bytes, "
+                                   f"{tm.extents.data_avail()} available")
             for lo, hi in gaps:
                 while lo < hi:
                     n = min(hi - lo, MAX_EXTENT_BYTES)

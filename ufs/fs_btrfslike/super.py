@@ -327,9 +327,10 @@ class BtrfsSuper(Superblock, SuperOperations):
         tm = self.tm
         with tm.lock:
             free = tm.extents.free.free_bytes
+            avail = tm.extents.data_avail()       # without the metadata reserve, as btrfs
         ss = self.ss
         return KStatfs(f_bsize=ss, f_blocks=tm.total_bytes // ss, f_bfree=free // ss,
-                       f_bavail=free // ss, f_files=0, f_ffree=0,
+                       f_bavail=avail // ss, f_files=0, f_ffree=0,
                        f_fsid=int.from_bytes(tm.fsid[:8], "little"))
 
     def sync_fs(self, wait):
