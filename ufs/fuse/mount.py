@@ -364,9 +364,11 @@ def _serve_native(image: str, mountpoint: str, fuse_opts: dict, fs_opts: dict, o
                  options)
         if ready is not None:
             ready("ready")
-        # $UFS_FUSE_THREADS / $UFS_FUSE_IDLE_THREADS tune the worker pool (benchmarks)
+        # $UFS_FUSE_THREADS / $UFS_FUSE_IDLE_THREADS tune the worker pool (benchmarks).
+        # Workers are kept, not reaped when idle: each one owns a device queue (an io_uring
+        # ring) and a Python thread state, which a new thread would have to set up again.
         threads = int(os.environ.get("UFS_FUSE_THREADS") or max_threads)
-        idle = int(os.environ.get("UFS_FUSE_IDLE_THREADS") or min(16, threads))
+        idle = int(os.environ.get("UFS_FUSE_IDLE_THREADS") or threads)
         # libfuse installs its SIGINT/SIGTERM/SIGHUP handlers (which end the loop) only over
         # SIG_DFL: the loop runs without the GIL, so Python's handlers would never run
         sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -382,6 +384,8 @@ def _serve_native(image: str, mountpoint: str, fuse_opts: dict, fs_opts: dict, o
         _lowlevel.close(unmount=find_mount(mountpoint) is not None)
         mounted_fuse = False
         log.info("native engine: %s", _lowlevel.stats())
+        from ufs.iomap.bdev import thread_queues_made
+        log.info("device queues set up by threads: %d", thread_queues_made())
         log.info("requests served concurrently: at most %d at a time (Python handlers; fast "
                  "reads not counted)", ops.max_inflight)
         if ops.requests_failed:

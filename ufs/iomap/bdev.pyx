@@ -157,6 +157,16 @@ cdef extern from *:
     int ufs_tstate_pin()
 
 
+cdef long _thread_queues_made = 0
+
+
+def thread_queues_made() -> int:
+    """How many per-thread queues ``BlockDev.queue()`` has set up in this process (each is
+    an io_uring ring with the io_uring backend): a figure that should follow the number of
+    threads doing I/O, never the number of requests."""
+    return _thread_queues_made
+
+
 cdef extern from "ufs_bdev.h" nogil:
     int ufs_atomic_add(int* p, int v)
     int ufs_atomic_load(const int* p)
@@ -544,6 +554,8 @@ cdef class BlockDev:
                 ufs_tstate_pin()
             q = self._new_thread_queue()
             self._local.q = q
+            global _thread_queues_made
+            _thread_queues_made += 1
         return <IoQueue>q
 
     cpdef IoQueue new_queue(self, int depth=128, bint reaper=False):
