@@ -24,6 +24,11 @@ The free-space trees give callbacks that take from / return to their AG's reserv
 (AGFL), so a tree never allocates through itself.  The root is held by the owner too
 (``root``: an object with ``root_blk``, ``level`` and ``set_root(tx, root_blk, level)``).
 
+Offline (fsck/repair), on raw block images instead of the cache and a transaction:
+``salvage_walk`` reads a tree without trusting it (every node verified, unreadable subtrees
+skipped and reported with their key range), ``bulk_build`` writes a whole tree over sorted
+records into given blocks (``bulk_nodes_needed``/``bulk_level`` size it beforehand).
+
 Locking: none here.  The caller holds the owner's lock (AG or inode) across the operation
 and the transaction; ``iterate`` must not run across modifications of the same tree.
 """
@@ -36,7 +41,7 @@ from ufs.errors import CorruptError, ExistsError, InvariantError, NotFoundError
 
 from . import format as fmt
 
-__all__ = ["Btree", "Node"]
+__all__ = ["Btree", "Node", "bulk_build", "bulk_level", "bulk_nodes_needed", "salvage_walk"]
 
 
 _INF = (float("inf"),)
@@ -522,3 +527,149 @@ class Btree:
 
         walk(self.root.root_blk, self.root.level, None, None, True)
         return count
+
+
+# -- offline construction and salvage (fsck/repair) ---------------------------------------------
+#
+# These work on raw block images, not through the buffer cache or a transaction: the repair
+# tool decides every block's fate first and writes the results in one go.
+
+def _split_even(items: list, nparts: int) -> list:
+    """``items`` cut into ``nparts`` consecutive runs whose lengths differ by at most one."""
+    q, r = divmod(len(items), nparts)
+    out = []
+    pos = 0
+    for i in range(nparts):
+        n = q + (1 if i < r else 0)
+        out.append(items[pos:pos + n])
+        pos += n
+    return out
+
+
+def _level_widths(schema: fmt.BtreeSchema, block_size: int, nrecs: int) -> list:
+    """Nodes per level (leaves first) of a tree built by ``bulk_build`` over ``nrecs``."""
+    max_leaf = schema.leaf_maxrecs(block_size)
+    max_node = schema.node_maxrecs(block_size)
+    widths = [max(1, -(-nrecs // max_leaf))]
+    while widths[-1] > 1:
+        widths.append(-(-widths[-1] // max_node))
+    return widths
+
+
+def bulk_nodes_needed(schema: fmt.BtreeSchema, block_size: int, nrecs: int) -> int:
+    """Blocks ``bulk_build`` needs for ``nrecs`` records (at least one: an empty leaf root)."""
+    return sum(_level_widths(schema, block_size, nrecs))
+
+
+def bulk_level(schema: fmt.BtreeSchema, block_size: int, nrecs: int) -> int:
+    """The root level (height - 1) of the tree ``bulk_build`` makes over ``nrecs`` records."""
+    return len(_level_widths(schema, block_size, nrecs)) - 1
+
+
+def bulk_build(schema: fmt.BtreeSchema, records: list, block_size: int, blocks: list,
+               owner: int, uuid: bytes) -> tuple[int, int, dict]:
+    """Build a whole tree over ``records`` (sorted, unique keys) in the given node blocks.
+
+    ``blocks`` must hold exactly ``bulk_nodes_needed`` block numbers.  Nodes of one level
+    share the records evenly (so every non-root node is at least half full, above the
+    one-third minimum); the root is the single node of the top level.  Returns
+    ``(root_blk, level, {blkno: block image})`` with headers stamped and CRCs set.
+    """
+    widths = _level_widths(schema, block_size, len(records))
+    if len(blocks) != sum(widths):
+        raise InvariantError(f"bulk_build of {len(records)} records needs {sum(widths)} blocks, "
+                             f"got {len(blocks)}")
+    nk = schema.nkey
+    for i in range(1, len(records)):
+        if tuple(records[i - 1][:nk]) >= tuple(records[i][:nk]):
+            raise InvariantError(f"bulk_build: {schema.name} records not in key order at {i}")
+    images = {}
+    it = iter(blocks)
+    # (first key, block) of every node of the level just built
+    below = []
+    for part in _split_even(list(records), widths[0]):
+        blk = next(it)
+        data = fmt.new_block(block_size, schema.magic, blk, owner, uuid)
+        schema.encode_node(data, 0, [tuple(r) for r in part], None)
+        fmt.set_block_crc(data)
+        images[blk] = bytes(data)
+        below.append((tuple(part[0][:nk]) if part else (), blk))
+    level = 0
+    for width in widths[1:]:
+        level += 1
+        nodes = []
+        for part in _split_even(below, width):
+            blk = next(it)
+            data = fmt.new_block(block_size, schema.magic, blk, owner, uuid)
+            schema.encode_node(data, level, [k for k, _ in part], [b for _, b in part])
+            fmt.set_block_crc(data)
+            images[blk] = bytes(data)
+            nodes.append((part[0][0], blk))
+        below = nodes
+    return below[0][1], level, images
+
+
+def salvage_walk(read_block, schema: fmt.BtreeSchema, root_blk: int, level: int, owner: int,
+                 uuid: bytes, block_size: int, total_blk: int):
+    """Walk a tree without trusting it: ``(records, node_blocks, problems)``.
+
+    ``read_block(blkno) -> bytes``.  Every node is verified (header: magic, CRC, self
+    number, UUID, owner; body: counts and key order; level; keys inside the bounds its
+    parent gives; fill; no block reached twice).  A node failing the header or body checks
+    is skipped with its whole subtree; records of nodes that verified are kept even when a
+    bound or fill rule is broken (they are still this tree's records), in walk order: the
+    caller sorts and removes duplicate keys.  ``node_blocks`` are the blocks that verified
+    as this tree's nodes; ``problems`` one line each (empty: the tree is sound); ``lost``
+    ``(blkno, lo_key, hi_key)`` for each skipped subtree (its records are missing; the keys
+    bound them, None: unbounded).  Returns ``(records, node_blocks, problems, lost)``.
+    """
+    records: list = []
+    nodes: list = []
+    problems: list = []
+    lost: list = []
+    seen: set = set()
+    max_leaf = schema.leaf_maxrecs(block_size)
+    max_node = schema.node_maxrecs(block_size)
+    nk = schema.nkey
+
+    def walk(blkno, lvl, lo, hi, is_root):
+        loc = fmt.where(blkno, block_size) if 0 <= blkno < total_blk else f"block {blkno}"
+        if not 0 <= blkno < total_blk:
+            problems.append(f"{schema.name} node at {loc}: pointer outside the filesystem")
+            lost.append((blkno, lo, hi))
+            return
+        if blkno in seen:
+            problems.append(f"{schema.name} node at {loc}: block referenced twice")
+            return
+        seen.add(blkno)
+        try:
+            data = read_block(blkno)
+            fmt.check_block(data, schema.magic, blkno, uuid, owner, block_size)
+            nlevel, items, ptrs = schema.decode_node(data, blkno)
+        except (CorruptError, OSError) as e:
+            problems.append(getattr(e, "strerror", None) or str(e))
+            lost.append((blkno, lo, hi))
+            return
+        if nlevel != lvl:
+            problems.append(f"{schema.name} node at {loc}: level {nlevel}, expected {lvl}")
+            lost.append((blkno, lo, hi))
+            return
+        nodes.append(blkno)
+        keys = [tuple(r[:nk]) for r in items] if lvl == 0 else [tuple(k) for k in items]
+        bad = [k for k in keys if (lo is not None and k < lo) or (hi is not None and k >= hi)]
+        if bad:
+            problems.append(f"{schema.name} node at {loc}: key {bad[0]} outside [{lo}, {hi})")
+        if not is_root:
+            minimum = max(1, max_leaf // 3) if lvl == 0 else max(2, max_node // 3)
+            if len(keys) < minimum:
+                problems.append(f"{schema.name} node at {loc}: underfull ({len(keys)})")
+        if lvl == 0:
+            records.extend(tuple(r) for r in items)
+            return
+        if lo is not None and keys and keys[0] != lo:
+            problems.append(f"{schema.name} node at {loc}: first key differs from the separator")
+        for i, child in enumerate(ptrs):
+            walk(child, lvl - 1, keys[i], keys[i + 1] if i + 1 < len(keys) else hi, False)
+
+    walk(root_blk, level, None, None, True)
+    return records, nodes, problems, lost
