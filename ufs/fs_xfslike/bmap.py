@@ -13,9 +13,20 @@ May import: ``ufs.errors``, this package's ``format`` and ``btree``.
 Invariants: extents sorted by ``file_off_blk``, non-overlapping, ``len_blk > 0``; adjacent
 extents that are contiguous on disk with equal flags are merged; ``di.nextents`` is the count;
 ``di.nblocks`` counts data blocks and bmbt nodes (callers adjust data blocks, this module the
-nodes).
+nodes).  ``ext``/``keys`` change only in ``set_range`` (and ``__init__``); nobody else may
+assign to them.
 
-Locks: the caller holds the filesystem metadata lock and an open transaction.
+Lookup cache: ``last_found`` is None or one extent tuple that ``find`` returned and that is,
+as long as it is set, exactly the element of ``ext`` containing those blocks.  ``set_range``
+clears it *before* touching the lists, so every change of the mapping clears it (allocation,
+unwritten conversion, punch, truncate, merges; a cancelled transaction reloads the inode with a
+new ExtentMap).  Only the xfslike mapping code sets it, with the metadata lock held and outside
+any transaction; its fast path reads it without that lock (one attribute load of an immutable
+tuple): a value read just before a concurrent ``set_range`` is a lookup ordered before that
+change, exactly as if the reader had taken the lock first.
+
+Locks: the caller holds the filesystem metadata lock and an open transaction (queries: the
+metadata lock; ``last_found`` may be read without it).
 """
 from __future__ import annotations
 
@@ -40,6 +51,7 @@ class ExtentMap:
         self.cap = fmt.DiskInode.fork_size(fs.inode_size) // fmt.EXTENT.size
         self.ext: list[tuple] = []
         self.keys: list[int] = []
+        self.last_found = None      # the lookup cache (module docstring)
         self.tree = None
         di = inode.di
         if di.data_format == fmt.FMT_BTREE:
@@ -109,6 +121,8 @@ class ExtentMap:
         Returns the ``(file_off, dev_blk, len, flags)`` pieces that were mapped in the range
         and are no longer (the caller frees their blocks or not).  Logs the on-disk change.
         """
+        # first: no lockless reader may see a cached extent once the lists start to change
+        self.last_found = None
         keys = self.keys
         lo = max(0, bisect_right(keys, start) - 1)
         if lo > 0:

@@ -27,6 +27,13 @@ Design (sem §5, §6):
 - NOWAIT: the metadata lock is only tried, allocations and multi-extent or unaligned
   unwritten writes are EAGAIN, so a NOWAIT write never sleeps.
 - fallocate/truncate take ``i_rwsem`` exclusive and ``inode_dio_wait``.
+- Mapping fast path: ``map_range`` first tries the inode's ``ExtentMap.last_found`` (the
+  extent the previous lookup found, cleared by every change of the map, see ``bmap``) without
+  ``fs.meta_lock``; a hit is what a locked lookup would return at that moment.  A mapped or
+  unwritten extent's answer depends only on the extent, the flags and ``i_size``, which the
+  caller's ``i_rwsem`` keeps stable.  NOWAIT lookups always take the lock (they must fail
+  while it is busy); lookups made inside a transaction of the calling thread (the map may
+  still be rolled back) do not fill the cache.
 
 Locks: ``i_rwsem`` → page-cache locks → ``fs.meta_lock`` (never held across data I/O or page
 cache calls).
@@ -112,11 +119,12 @@ def _ceil_blk(pos: int, bs: int) -> int:
 class XfsIomapOps(IomapOps):
     """``iomap_begin`` of xfslike (reads, buffered writes, DIO writes, zeroing, reports)."""
 
-    def __init__(self, fs):
+    def __init__(self, fs, fops):
         self.fs = fs
+        self.fops = fops
 
     def iomap_begin(self, inode, pos, length, flags, iomap, srcmap):
-        self.fs.fops.map_range(inode, pos, length, flags, iomap)
+        self.fops.map_range(inode, pos, length, flags, iomap)
 
 
 class XfsDioOps(DioOps):
@@ -161,7 +169,7 @@ class XfsFileOps(FileOperations):
         self.fs = fs
         self.bs = fs.block_size
         self.bits = fs.blkbits
-        self.iomap_ops = XfsIomapOps(fs)
+        self.iomap_ops = XfsIomapOps(fs, self)
         self.dio_ops = XfsDioOps(fs)
 
     # -- mapping ----------------------------------------------------------------------------
@@ -184,19 +192,55 @@ class XfsFileOps(FileOperations):
         return None, (dl[i + 1][0] if i + 1 < len(dl) else None)
 
     def map_range(self, inode, pos, length, flags, iomap) -> None:
-        lock = self.fs.meta_lock
-        if flags & _NOWAIT:
-            # NOWAIT: never sleep on the metadata lock (sem §2.4)
-            if not lock.acquire(blocking=False):
-                raise AgainError(_errno.EAGAIN, "metadata busy (NOWAIT)")
+        bm = inode.bmap
+        # Fast path (every overwrite): the extent found last still contains pos.  The cache
+        # (ExtentMap.last_found) is cleared by every change of the mapping, so it is what a
+        # locked lookup would find now.  NOWAIT always looks up under the lock: it must fail
+        # with EAGAIN while the metadata lock is busy (xfs_ilock_nowait).
+        if bm is not None and not flags & _NOWAIT:
+            e = bm.last_found
+            if e is not None and not e[0] <= pos >> self.bits < e[0] + e[2]:
+                e = None
         else:
-            lock.acquire()
-        try:
-            self._map_locked(inode, pos, length, flags, iomap)
-        finally:
-            lock.release()
+            e = None
+        if e is None:
+            lock = self.fs.meta_lock
+            # Inside a transaction of this thread the map may still be rolled back: no
+            # caching then (nor with a lock that cannot say who owns it).
+            is_owned = getattr(lock, "_is_owned", None)
+            cache = is_owned is not None and not is_owned()
+            if flags & _NOWAIT:
+                # NOWAIT: never sleep on the metadata lock (sem §2.4)
+                if not lock.acquire(blocking=False):
+                    raise AgainError(_errno.EAGAIN, "metadata busy (NOWAIT)")
+            else:
+                lock.acquire()
+            try:
+                e = self._map_locked(inode, pos, length, flags, iomap, cache)
+            finally:
+                lock.release()
+            if e is None:
+                return
+        # A written or unwritten extent contains pos.  Only e, the flags and i_size (stable
+        # under the caller's i_rwsem) matter from here: no metadata lock needed.
+        bs = self.bs
+        iomap.offset = e[0] * bs
+        iomap.length = e[2] * bs
+        iomap.type = _UNWRITTEN_T if e[3] & UNWRITTEN else _MAPPED
+        iomap.addr = e[1] * bs
+        iomap.bdev = self.fs.dev
+        if flags & _WRITE and flags & _DIRECT:
+            if flags & (_NOWAIT | _OVERWRITE_ONLY) and e[0] + e[2] < (
+                    (pos + length + bs - 1) >> self.bits):
+                raise AgainError(_errno.EAGAIN, "write spans more than one extent")
+            if flags & _OVERWRITE_ONLY and e[3] & UNWRITTEN and (pos | length) & (bs - 1):
+                raise AgainError(_errno.EAGAIN, "unaligned write to an unwritten extent")
+            if pos + length > inode.i_size:
+                iomap.flags |= _MAP_F_DIRTY
 
-    def _map_locked(self, inode, pos, length, flags, iomap) -> None:
+    def _map_locked(self, inode, pos, length, flags, iomap, cache: bool):
+        """The extent containing ``pos`` (cached in ``last_found`` when ``cache``), or None
+        after mapping the hole/delalloc/new allocation there into ``iomap``."""
         fs = self.fs
         bs = self.bs
         bits = self.bits
@@ -207,21 +251,9 @@ class XfsFileOps(FileOperations):
             bm = fs.bmap(inode)
         e, nxt = bm.find(blk)
         if e is not None:
-            # inline _fill: this is the per-I/O path of every overwrite
-            iomap.offset = e[0] * bs
-            iomap.length = e[2] * bs
-            iomap.type = _UNWRITTEN_T if e[3] & UNWRITTEN else _MAPPED
-            iomap.addr = e[1] * bs
-            iomap.bdev = fs.dev
-            if flags & _WRITE and flags & _DIRECT:
-                if flags & (_NOWAIT | _OVERWRITE_ONLY) and e[0] + e[2] < end_blk:
-                    raise AgainError(_errno.EAGAIN, "write spans more than one extent")
-                if (flags & _OVERWRITE_ONLY and e[3] & UNWRITTEN
-                        and (pos | length) & (bs - 1)):
-                    raise AgainError(_errno.EAGAIN, "unaligned write to an unwritten extent")
-                if pos + length > inode.i_size:
-                    iomap.flags |= _MAP_F_DIRTY
-            return
+            if cache:
+                bm.last_found = e
+            return e
         d, dnext = self._delalloc_at(inode, blk)
         if d is not None:
             if flags & _WRITE and flags & _DIRECT:

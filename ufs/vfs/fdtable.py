@@ -198,7 +198,12 @@ class FdTable:
         pwrite on an O_APPEND descriptor appends."""
         file = self.get(fd)
         file.check_writable()
-        data = memoryview(data).cast("B")[:MAX_RW_COUNT]
+        # a flat byte view (what the API passes) is used as is: no new views per write
+        if not (type(data) is memoryview and data.format == "B" and data.ndim == 1
+                and data.c_contiguous):
+            data = memoryview(data).cast("B")
+        if len(data) > MAX_RW_COUNT:
+            data = data[:MAX_RW_COUNT]
         if pos is not None:
             self._check_pos(pos)
             if not len(data):

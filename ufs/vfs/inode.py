@@ -11,7 +11,12 @@ inside ``i_rwsem``), mode/nlink/uid/gid/times.
 
 DIO accounting (sem §6): ``inode_dio_begin`` raises ``i_dio_count`` before a dio issues I/O,
 ``inode_dio_end`` lowers it and wakes waiters at zero, ``inode_dio_wait`` sleeps until it is
-zero.  The counter means "I/O in flight", not "durable".  Its Condition is a leaf lock.
+zero.  The counter means "I/O in flight", not "durable".  As the kernel's atomic counter with
+its wait bit, begin/end are an update under a plain lock (``_dio_lock``, a leaf), and the
+Condition built on that lock is touched only when ``_dio_waiters`` says someone sleeps in
+``inode_dio_wait``: waiters register and test the count under the same lock, so the drop to
+zero either happens before a waiter tests (it does not sleep) or sees it registered (and wakes
+it).
 """
 from __future__ import annotations
 
@@ -51,7 +56,9 @@ class Inode:
         self.i_blkbits = blkbits
         self.i_rwsem = RWSem("inode.i_rwsem")
         self.i_mmap_lock = RWSem("inode.i_mmap_lock")
-        self._dio_cv = threading.Condition(threading.Lock())
+        self._dio_lock = threading.Lock()
+        self._dio_cv = threading.Condition(self._dio_lock)
+        self._dio_waiters = 0           # threads in inode_dio_wait (under _dio_lock)
         self.i_dio_count = 0
         self.i_private = None
         if wb_ops is None:
@@ -83,22 +90,37 @@ class Inode:
 
     # --- DIO in-flight accounting ---
     def inode_dio_begin(self) -> None:
-        with self._dio_cv:
+        lock = self._dio_lock
+        lock.acquire()
+        try:
             self.i_dio_count += 1
+        finally:
+            lock.release()
 
     def inode_dio_end(self) -> None:
         """Lower the counter; at zero wake every ``inode_dio_wait``."""
-        with self._dio_cv:
-            if self.i_dio_count <= 0:
+        lock = self._dio_lock
+        lock.acquire()
+        try:
+            n = self.i_dio_count - 1
+            if n < 0:
                 raise InvariantError(f"inode_dio_end without inode_dio_begin on inode {self.i_ino}")
-            self.i_dio_count -= 1
-            if self.i_dio_count == 0:
+            self.i_dio_count = n
+            if not n and self._dio_waiters:
                 self._dio_cv.notify_all()
+        finally:
+            lock.release()
 
     def inode_dio_wait(self, timeout: float | None = None) -> bool:
         """Sleep until no DIO is in flight.  Returns False only if ``timeout`` expired."""
         with self._dio_cv:
-            return self._dio_cv.wait_for(lambda: self.i_dio_count == 0, timeout)
+            if not self.i_dio_count:
+                return True
+            self._dio_waiters += 1
+            try:
+                return self._dio_cv.wait_for(lambda: self.i_dio_count == 0, timeout)
+            finally:
+                self._dio_waiters -= 1
 
     def touch_mtime(self) -> None:
         """file_update_time(): mtime and ctime to now."""

@@ -178,16 +178,39 @@ class _Guard:
             self.sem.up_read()
 
 
+def _live_site(frame, lasti) -> tuple:
+    """The lockdep form ``(frame, lineno)`` of an acquisition recorded as ``(frame, f_lasti)``.
+
+    The line is resolved only when someone reports the site: reading ``f_lasti`` costs less
+    than ``f_lineno`` (a line-table walk) on every acquisition."""
+    for start, end, line in frame.f_code.co_lines():
+        if start <= lasti < end and line is not None:
+            return (frame, line)
+    return (frame, frame.f_lineno)
+
+
 class RWSem:
     """Reader/writer semaphore (kernel ``struct rw_semaphore``), writer-preferring.
 
     Callers release from the acquiring thread; ``with sem.read_locked():`` and
     ``with sem.write_locked():`` pair the calls.
+
+    Bookkeeping: every owned read hold is one entry ``(ident, site, lasti, held)`` in
+    ``_rholders`` (a list: one reader entry is appended and popped per I/O, cheaper than a dict
+    of per-thread lists).  With checking off, ``site`` is the caller's live frame and ``lasti``
+    its ``f_lasti`` at the acquisition (turned into a line only for a report) and ``held`` is
+    None; with checking on, ``site`` is the captured stack, ``lasti`` None and ``held`` the
+    lockdep HeldLock.  The write hold keeps the same three in ``_wsite``/``_wlasti``/
+    ``_wheld``.  ``_rwait`` counts readers sleeping on ``_rcond``, so a release only calls into
+    the (pure Python) Condition when someone waits.
+
+    ``down_read``/``up_read``/``down_write``/``up_write`` with checking off are the fast path:
+    one acquire/release of the private lock, no lockdep call, no Condition unless contended.
     """
 
     __slots__ = ("name", "subclass", "hung_task_timeout", "hung_task_panic",
                  "_m", "_rcond", "_wcond", "_readers", "_anon_readers", "_writer", "_wsite",
-                 "_wheld", "_wwait", "_rholders", "__weakref__")
+                 "_wlasti", "_wheld", "_wwait", "_rwait", "_rholders", "__weakref__")
 
     def __init__(self, name: str, subclass: int = 0, *, hung_task_timeout: float | None = None,
                  hung_task_panic: bool | None = None):
@@ -202,9 +225,11 @@ class RWSem:
         self._anon_readers = 0          # read holds taken with down_read_non_owner
         self._writer = 0                # ident of the write holder, 0 when none
         self._wsite = None
+        self._wlasti = None
         self._wheld = None
         self._wwait = 0                 # writers queued: new readers must wait behind them
-        self._rholders: dict[int, list] = {}   # ident -> [(site, HeldLock|None), ...]
+        self._rwait = 0                 # readers sleeping on _rcond
+        self._rholders: list[tuple] = []    # (ident, site, lasti, HeldLock|None), oldest first
 
     def __repr__(self) -> str:
         return (f"<RWSem {self.name} readers={self._readers} writer={self._writer or None} "
@@ -213,34 +238,42 @@ class RWSem:
     # --- read side ---
     def down_read(self, subclass: int | None = None) -> None:
         """Acquire shared; sleeps while a writer holds or waits."""
-        self._down_read(_getframe(1), subclass)
+        frame = _getframe(1)
+        if lockdep._on:
+            self._down_read(frame, subclass)
+            return
+        # the unchecked fast path: _down_read without lockdep, inlined
+        m = self._m
+        m.acquire()
+        try:
+            if self._writer or self._wwait:
+                self._wait_read(frame)
+            self._readers += 1
+            self._rholders.append((_get_ident(), frame, frame.f_lasti, None))
+        finally:
+            m.release()
 
     def down_read_nested(self, subclass: int) -> None:
         self._down_read(_getframe(1), subclass)
 
     def _down_read(self, frame, subclass) -> None:
-        held = None
-        on = lockdep._on
-        if on:
+        if lockdep._on:
             cls = lock_class(self.name, self.subclass if subclass is None else subclass)
             site = capture_site(frame)
             lockdep.check_acquire(self, cls, READ, site)
         else:
-            site = (frame, frame.f_lineno)
+            cls = site = None
         m = self._m
         m.acquire()
         try:
             if self._writer or self._wwait:
-                self._wait(self._rcond, self._read_blocked, READ, frame)
+                self._wait_read(frame)
             self._readers += 1
-            if on:
-                held = lockdep.acquired(self, cls, READ, site, False)
-            ident = _get_ident()
-            lst = self._rholders.get(ident)
-            if lst is None:
-                self._rholders[ident] = [(site, held)]
+            if site is None:
+                self._rholders.append((_get_ident(), frame, frame.f_lasti, None))
             else:
-                lst.append((site, held))
+                held = lockdep.acquired(self, cls, READ, site, False)
+                self._rholders.append((_get_ident(), site, None, held))
         finally:
             m.release()
 
@@ -252,41 +285,50 @@ class RWSem:
                 return False
             self._readers += 1
             frame = _getframe(1)
-            held = None
             if lockdep._on:
                 cls = lock_class(self.name, self.subclass if subclass is None else subclass)
                 site = capture_site(frame)
                 held = lockdep.acquired(self, cls, READ, site, True)
+                self._rholders.append((_get_ident(), site, None, held))
             else:
-                site = (frame, frame.f_lineno)
-            self._rholders.setdefault(_get_ident(), []).append((site, held))
+                self._rholders.append((_get_ident(), frame, frame.f_lasti, None))
             return True
 
     def up_read(self) -> None:
-        """Release one read hold of the calling thread (InvariantError if it has none)."""
+        """Release one read hold of the calling thread (InvariantError if it has none).
+
+        The hold released is the calling thread's most recent one."""
         ident = _get_ident()
         m = self._m
-        with m:
-            lst = self._rholders.get(ident)
-            if not lst:
-                raise InvariantError(f"up_read of {self.name}: not read-held by this thread")
-            _, held = lst.pop()
-            if not lst:
-                del self._rholders[ident]
-            self._release_read()
-        if held is not None:
-            lockdep.released(held)
+        m.acquire()
+        try:
+            hs = self._rholders
+            if hs and hs[-1][0] == ident:
+                ent = hs.pop()
+            else:
+                ent = self._pop_reader(ident)
+            n = self._readers - 1
+            self._readers = n
+            if not n and self._wwait:
+                self._wcond.notify()
+        finally:
+            m.release()
+        if ent[3] is not None:
+            lockdep.released(ent[3])
 
-    def _release_read(self) -> None:
-        self._readers -= 1
-        if self._readers == 0 and self._wwait:
-            self._wcond.notify()
+    def _pop_reader(self, ident):
+        """Remove and return the calling thread's newest read entry (self._m held)."""
+        hs = self._rholders
+        for i in range(len(hs) - 1, -1, -1):
+            if hs[i][0] == ident:
+                return hs.pop(i)
+        raise InvariantError(f"up_read of {self.name}: not read-held by this thread")
 
     def down_read_non_owner(self) -> None:
         """Shared acquisition that another thread may release (not tracked by lockdep)."""
         with self._m:
             if self._writer or self._wwait:
-                self._wait(self._rcond, self._read_blocked, READ, _getframe(1))
+                self._wait_read(_getframe(1))
             self._readers += 1
             self._anon_readers += 1
 
@@ -295,43 +337,76 @@ class RWSem:
             if not self._anon_readers:
                 raise InvariantError(f"up_read_non_owner of {self.name} without a non-owner hold")
             self._anon_readers -= 1
-            self._release_read()
+            self._readers -= 1
+            if self._readers == 0 and self._wwait:
+                self._wcond.notify()
 
     # --- write side ---
     def down_write(self, subclass: int | None = None) -> None:
         """Acquire exclusive; sleeps while anyone holds the semaphore."""
-        self._down_write(_getframe(1), subclass)
+        frame = _getframe(1)
+        if lockdep._on:
+            self._down_write(frame, subclass)
+            return
+        m = self._m
+        m.acquire()
+        try:
+            if self._writer or self._readers:
+                self._wait_write(frame)
+            self._writer = _get_ident()
+            self._wsite = frame
+            self._wlasti = frame.f_lasti
+            self._wheld = None
+        finally:
+            m.release()
 
     def down_write_nested(self, subclass: int) -> None:
         self._down_write(_getframe(1), subclass)
 
     def _down_write(self, frame, subclass) -> None:
-        on = lockdep._on
-        if on:
+        if lockdep._on:
             cls = lock_class(self.name, self.subclass if subclass is None else subclass)
             site = capture_site(frame)
             lockdep.check_acquire(self, cls, WRITE, site)
         else:
-            site = (frame, frame.f_lineno)
+            cls = site = None
         m = self._m
         m.acquire()
         try:
             if self._writer or self._readers:
-                self._wwait += 1
-                try:
-                    self._wait(self._wcond, self._write_blocked, WRITE, frame)
-                except BaseException:
-                    self._wwait -= 1
-                    if not self._wwait and not self._writer:
-                        # this waiter may have been all that held new readers back
-                        self._rcond.notify_all()
-                    raise
-                self._wwait -= 1
+                self._wait_write(frame)
             self._writer = _get_ident()
-            self._wsite = site
-            self._wheld = lockdep.acquired(self, cls, WRITE, site, False) if on else None
+            if site is None:
+                self._wsite = frame
+                self._wlasti = frame.f_lasti
+                self._wheld = None
+            else:
+                self._wsite = site
+                self._wlasti = None
+                self._wheld = lockdep.acquired(self, cls, WRITE, site, False)
         finally:
             m.release()
+
+    def _wait_write(self, frame) -> None:
+        """Queue as a writer and sleep until the semaphore is free (self._m held)."""
+        self._wwait += 1
+        try:
+            self._wait(self._wcond, self._write_blocked, WRITE, frame)
+        except BaseException:
+            self._wwait -= 1
+            if not self._wwait and not self._writer and self._rwait:
+                # this waiter may have been all that held new readers back
+                self._rcond.notify_all()
+            raise
+        self._wwait -= 1
+
+    def _wait_read(self, frame) -> None:
+        """Sleep until no writer holds or waits (self._m held)."""
+        self._rwait += 1
+        try:
+            self._wait(self._rcond, self._read_blocked, READ, frame)
+        finally:
+            self._rwait -= 1
 
     def down_write_trylock(self, subclass: int | None = None) -> bool:
         """Acquire exclusive if free; never blocks or raises for recursion."""
@@ -343,16 +418,20 @@ class RWSem:
                 cls = lock_class(self.name, self.subclass if subclass is None else subclass)
                 site = capture_site(frame)
                 self._wheld = lockdep.acquired(self, cls, WRITE, site, True)
+                self._wsite = site
+                self._wlasti = None
             else:
-                site = (frame, frame.f_lineno)
                 self._wheld = None
+                self._wsite = frame
+                self._wlasti = frame.f_lasti
             self._writer = _get_ident()
-            self._wsite = site
             return True
 
     def up_write(self) -> None:
         """Release the write hold (InvariantError unless the calling thread holds it)."""
-        with self._m:
+        m = self._m
+        m.acquire()
+        try:
             if self._writer != _get_ident():
                 raise InvariantError(f"up_write of {self.name}: not write-held by this thread")
             held = self._wheld
@@ -362,8 +441,10 @@ class RWSem:
             # Writer preference: hand over to a queued writer before any reader.
             if self._wwait:
                 self._wcond.notify()
-            else:
+            elif self._rwait:
                 self._rcond.notify_all()
+        finally:
+            m.release()
         if held is not None:
             lockdep.released(held)
 
@@ -377,12 +458,12 @@ class RWSem:
             held = self._wheld
             if held is not None:
                 held.mode = READ
-            self._rholders.setdefault(ident, []).append((self._wsite, held))
+            self._rholders.append((ident, self._wsite, self._wlasti, held))
             self._writer = 0
             self._wsite = None
             self._wheld = None
             self._readers += 1
-            if not self._wwait:
+            if not self._wwait and self._rwait:
                 self._rcond.notify_all()
 
     # --- guards ---
@@ -424,12 +505,13 @@ class RWSem:
                 raise DeadlockError(text)
 
     def _holders(self) -> list:
+        """``(ident, mode, site)`` of every owned hold, sites in lockdep's form."""
         out = []
         if self._writer:
-            out.append((self._writer, WRITE, self._wsite))
-        for ident, lst in self._rholders.items():
-            for site, _ in lst:
-                out.append((ident, READ, site))
+            site, lasti = self._wsite, self._wlasti
+            out.append((self._writer, WRITE, site if lasti is None else _live_site(site, lasti)))
+        for ident, site, lasti, _ in self._rholders:
+            out.append((ident, READ, site if lasti is None else _live_site(site, lasti)))
         return out
 
     # --- queries ---
@@ -453,7 +535,10 @@ class RWSem:
         ident = _get_ident()
         if self._writer == ident:
             return WRITE
-        return READ if self._rholders.get(ident) else 0
+        for ent in self._rholders:
+            if ent[0] == ident:
+                return READ
+        return 0
 
     def assert_held(self, write: bool = False) -> None:
         """InvariantError unless the calling thread holds it (exclusively if ``write``)."""
