@@ -558,6 +558,11 @@ cdef class BlockDev:
             _thread_queues_made += 1
         return <IoQueue>q
 
+    def current_queue(self):
+        """The calling thread's queue if it has one already, else None (never creates one:
+        for callers that only need to drive I/O this thread has in flight)."""
+        return getattr(self._local, "q", None)
+
     cpdef IoQueue new_queue(self, int depth=128, bint reaper=False):
         raise NotImplementedError
 

@@ -112,15 +112,38 @@ class Inode:
             lock.release()
 
     def inode_dio_wait(self, timeout: float | None = None) -> bool:
-        """Sleep until no DIO is in flight.  Returns False only if ``timeout`` expired."""
+        """Sleep until no DIO is in flight.  Returns False only if ``timeout`` expired.
+
+        A DIO the calling thread submitted asynchronously completes only when this thread
+        reaps its device queue (a ring is reaped by the thread that owns it; there is no
+        interrupt to do it for us), so while that queue has I/O in flight the wait drives
+        it instead of sleeping: truncate after one's own unreaped write must not hang."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._dio_cv:
+            if not self.i_dio_count:
+                return True
+        q = self._own_queue()
+        while q is not None and q.inflight > 0:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            q.wait(1)                       # our completions run here (GIL released)
+            if not self.i_dio_count:
+                return True
         with self._dio_cv:
             if not self.i_dio_count:
                 return True
             self._dio_waiters += 1
             try:
-                return self._dio_cv.wait_for(lambda: self.i_dio_count == 0, timeout)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return self._dio_cv.wait_for(lambda: self.i_dio_count == 0, left)
             finally:
                 self._dio_waiters -= 1
+
+    def _own_queue(self):
+        """The calling thread's queue on this inode's device, if it has one."""
+        bdev = getattr(self.i_sb, "bdev", None)
+        current = getattr(bdev, "current_queue", None)
+        return current() if current is not None else None
 
     def touch_mtime(self) -> None:
         """file_update_time(): mtime and ctime to now."""
