@@ -424,6 +424,17 @@ class Allocator:
             raise CorruptError("free extent", f"block {start_blk}", f"length {len_blk} runs out of AG {agno}")
         self.ags[agno].free(tx, agbno, len_blk)
 
+    def avail_blocks(self) -> int:
+        """Blocks file data can still be given: per AG, the tree free space beyond what
+        ``AllocGroup.alloc`` keeps back for AGFL refills (AGFL blocks never hold data).
+        Delayed-allocation reservations are checked against this, not ``free_blocks``."""
+        total = 0
+        for ag in self.ags:
+            agh = ag.header()
+            need, _ = _agfl_bounds(max(agh.bno_level, agh.cnt_level))
+            total += max(0, agh.free_blk - (need + 3))
+        return total
+
     def free_blocks(self) -> int:
         """Free blocks for statfs: the trees plus the AGFLs (they are free, only reserved)."""
         total = 0

@@ -60,6 +60,8 @@ from ufs.iomap import (
 from ufs.vfs import ops
 from ufs.vfs.buffered import buffered_read, buffered_write, buffered_zero_range
 from ufs.vfs.ops import (
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
@@ -286,7 +288,9 @@ class XfsFileOps(FileOperations):
 
     def _reserve(self, nblk: int) -> None:
         fs = self.fs
-        free = fs.md.alloc.free_blocks()
+        # what data can really get: AGFL blocks and the AGFL refill reserve are free but
+        # never become file data, so promising them loses the write at write-back
+        free = fs.md.alloc.avail_blocks()
         if free - fs.delalloc_blk - DELALLOC_SLACK_BLK < nblk:
             raise NoSpaceError(_errno.ENOSPC, "no space for a delayed allocation")
         fs.delalloc_blk += nblk
@@ -637,6 +641,11 @@ def _punch(fs, inode, a: int, b: int) -> None:
 
 
 def fallocate(fs, inode, mode: int, pos: int, length: int) -> None:
+    # Collapse and insert shift every extent past the range; xfslike does not implement
+    # the shift, so it says so (as a filesystem without them does) rather than doing
+    # something else.  UNSHARE_RANGE is a preallocation here: nothing is ever shared.
+    if mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE):
+        raise from_errno(_errno.EOPNOTSUPP, "xfslike does not collapse or insert ranges")
     inode.i_rwsem.down_write()
     try:
         inode.inode_dio_wait()
