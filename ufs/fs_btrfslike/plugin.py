@@ -8,7 +8,8 @@ Options (validated by ``ufs.registry.parse_options`` before ``mount`` sees them)
 ``dio_complete`` = ``unlocked`` (default) | ``locked`` | ``marker`` (how an O_DIRECT write is
 completed relative to ``i_rwsem``; see ``file.py``), ``nodatasum``, ``nodatacow`` (defaults for
 new files), ``lockdep`` (turn on lock checking for this mount), ``notreelog`` (fsync always
-commits, no fsync log), and for mkfs ``nodesize``.
+commits, no fsync log), ``inode_cache`` (the inode cache LRU bound, ``ufs.vfs.super``), and
+for mkfs ``nodesize``.
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def _nodesize(v):
     return n
 
 
+def _inode_cache(v):
+    n = int(v, 0) if isinstance(v, str) else int(v)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
 OPTIONS = {
     "dio_complete": OptionSpec(str, "unlocked", choices=("unlocked", "locked", "marker"),
                                help="O_DIRECT write completion: after dropping i_rwsem (the "
@@ -59,6 +67,9 @@ OPTIONS = {
     "notreelog": OptionSpec(bool, False, help="fsync commits the whole transaction instead of "
                                               "writing an fsync log record (as btrfs)"),
     "nodesize": OptionSpec(_nodesize, 16384, help="mkfs: tree node size in bytes"),
+    "inode_cache": OptionSpec(_inode_cache, None,
+                              help="inodes kept in the in-memory inode cache's LRU (default "
+                                   "16384; open or dirty inodes are kept beyond it)"),
 }
 
 PERSONALITY = Personality(

@@ -4,7 +4,8 @@ Layer: personality.  Imports ``ufs.vfs`` (Superblock, ops, Inode), ``ufs.iomap``
 ``.file``), ``ufs.errors`` and this package's metadata modules.
 
 What it owns:
-- :class:`BtrfsSuper` (``sb.s_op`` is itself): ``iget`` (one live object per inode), inode
+- :class:`BtrfsSuper` (``sb.s_op`` is itself): ``iget`` (one live object per inode, through
+  the bounded VFS inode cache of ``ufs.vfs.super``, mount option ``inode_cache``), inode
   allocation per fs tree, ``statfs``, ``sync_fs``/``put_super`` (a transaction commit), orphan
   cleanup at mount (inodes left with ``nlink == 0`` by a crash are freed), ``evict_inode``;
 - :class:`BtrfsInodeOps` (``inode.i_op``): directories as DIR_ITEM (by name hash) + DIR_INDEX
@@ -24,6 +25,20 @@ So a crash loses the operations since the last commit that no fsync covered, nev
 consistency.  Namespace changes note, for the log, the transaction in which an inode's names
 changed (``ns_trans``) and in which a directory lost an entry (``rm_trans``).
 
+Inode lifetime: every change of an inode is put into the running transaction's tree at once
+(``write_inode``), so the cache may drop a clean inode (no dirty page, no DIO in flight: the
+default ``inode_reclaimable``) and ``iget`` decodes it again.  What is lost is the fsync log's
+bookkeeping (``log_ranges``, ``ns_trans``, ``rm_trans``, ``logged``); an inode read back whose
+item was written in the running transaction gets ``ns_trans = rm_trans = transid``, so an
+fsync of it (or of a child it lost) commits instead of logging, as btrfs does after reading an
+inode back (``btrfs_read_locked_inode`` is conservative about ``last_unlink_trans``).
+
+Memory: the running transaction keeps every tree node it changed in memory until its commit,
+and nothing commits on a timer, so :meth:`BtrfsSuper.balance_icache` (the VFS's safe point
+before a namespace operation, no lock held) first commits when more than
+``BALANCE_DIRTY_NODES`` nodes are dirty (the kernel's ``btrfs_btree_balance_dirty``), then
+balances the inode cache.
+
 Extent reuse against direct reads: a read maps an extent under ``tm.lock`` and reads it
 without; a concurrent overwrite's completion (``dio_complete=unlocked`` runs it without
 ``i_rwsem``) may free that extent meanwhile.  Freed data extents therefore pass through
@@ -32,14 +47,15 @@ epoch and become allocatable only when every read of that epoch or older has end
 
 Locks (outermost first): VFS ``i_rwsem`` locks as ``ufs.vfs.ops`` documents → ``tm.lock``
 (an RLock, the transaction manager's, serialising every tree access; held only around
-metadata work, never across device data I/O).  ``_icache_lock`` (leaf) guards the inode cache.
+metadata work, never across device data I/O) → the inode cache's ``_icache_lock`` (leaf).  The
+inline shrinker (from ``iget``/``new_inode``, possibly under ``tm.lock``) only try-locks pages;
+write-back under inode-cache pressure runs from the VFS (``balance_icache``) with no lock held.
 """
 from __future__ import annotations
 
 import errno as _errno
 import os
 import stat as _stat
-import threading
 import time
 
 from ufs.errors import (
@@ -61,7 +77,7 @@ from ufs.vfs.ops import (
     KStatfs,
     SuperOperations,
 )
-from ufs.vfs.super import Superblock
+from ufs.vfs.super import DEFAULT_INODE_CACHE, Superblock
 
 from . import format as fmt
 from . import tree_log
@@ -104,6 +120,11 @@ __all__ = ["BtrfsInodeOps", "BtrfsSuper", "MountOptions"]
 FT_BY_MODE = {_stat.S_IFREG: 1, _stat.S_IFDIR: 2, _stat.S_IFCHR: 3, _stat.S_IFBLK: 4,
               _stat.S_IFIFO: 5, _stat.S_IFSOCK: 6, _stat.S_IFLNK: 7}
 FT_DIR = 2
+#: dirty tree nodes of the running transaction past which the next namespace operation
+#: commits first: bounds the transaction's memory (measured ~65 KiB per dirty node with its
+#: share of delayed references and checksum items, so ~65 MiB; one commit per ~30,000 small
+#: files created)
+BALANCE_DIRTY_NODES = 1024
 DT_BY_FT = {1: ops.DT_REG, 2: ops.DT_DIR, 3: 2, 4: 6, 5: 1, 6: 12, 7: ops.DT_LNK}
 
 
@@ -130,7 +151,8 @@ class BtrfsSuper(Superblock, SuperOperations):
     root_ino = FIRST_FREE_OBJECTID
 
     def __init__(self, dev, tm: TransactionManager, options=None, readonly=False):
-        super().__init__(dev, tm.sectorsize, name=getattr(dev, "path", None) or "btrfslike")
+        super().__init__(dev, tm.sectorsize, name=getattr(dev, "path", None) or "btrfslike",
+                         inode_cache=(options or {}).get("inode_cache") or DEFAULT_INODE_CACHE)
         from .file import BtrfsFileOps  # the data path needs the Cython engine
         self.s_op = self
         self.tm = tm
@@ -144,8 +166,6 @@ class BtrfsSuper(Superblock, SuperOperations):
         self.csum = CsumTree(tm)
         self.iops = BtrfsInodeOps(self)
         self.fops = BtrfsFileOps(self)
-        self._icache = {}
-        self._icache_lock = threading.Lock()
         self._next_oid = {}
         self._freed_data = []
         self.fault_hooks = {}           # tests: name -> callable (e.g. "dio_end_io")
@@ -214,14 +234,25 @@ class BtrfsSuper(Superblock, SuperOperations):
         with self.tm.lock:
             return self.tm.commit()
 
+    def balance_icache(self):
+        """The VFS's safe point (no lock held): commit an oversized transaction, then let the
+        inode cache shrink (see the module docstring)."""
+        if (not self.readonly and not self.tm.aborted
+                and len(self.tm.cache.dirty) > BALANCE_DIRTY_NODES):
+            self.commit()
+        return super().balance_icache()
+
     # -- inodes --------------------------------------------------------------------------------
     def iget(self, ino):
-        with self._icache_lock:
-            inode = self._icache.get(ino)
+        inode = self.icache_get(ino)
         if inode is not None:
             return inode
         tree_id, oid = split_ino(ino)
         with self.tm.lock:
+            # a second reader of the same ino waits here and then finds the first one's object
+            inode = self.icache_get(ino)
+            if inode is not None:
+                return inode
             try:
                 tree = self.tm.tree(tree_id)
             except NotFoundError:
@@ -230,11 +261,13 @@ class BtrfsSuper(Superblock, SuperOperations):
             if raw is None:
                 raise NotFoundError(_errno.ENOENT, f"no inode {oid} in tree {tree_id}")
             item = DiskInodeItem.decode(raw, f"inode {oid} of tree {tree_id}")
-        with self._icache_lock:
-            inode = self._icache.get(ino)
-            if inode is None:
-                inode = self._icache[ino] = BtrfsInode(self, tree_id, oid, item)
-        return inode
+            inode = BtrfsInode(self, tree_id, oid, item)
+            running = self.tm.running
+            if running is not None and item.transid == running.transid:
+                # changed in the running transaction by an evicted copy whose fsync-log
+                # bookkeeping is gone: fsync must commit (see the module docstring)
+                inode.ns_trans = inode.rm_trans = running.transid
+            return self.icache_add(inode)
 
     def write_inode(self, trans, inode):
         inode.sequence += 1
@@ -269,8 +302,7 @@ class BtrfsSuper(Superblock, SuperOperations):
                              0, t, t, t, t)
         inode = BtrfsInode(self, tree_id, oid, item)
         self.write_inode(trans, inode)
-        with self._icache_lock:
-            self._icache[inode.i_ino] = inode
+        self.icache_add(inode, new=True)
         return inode
 
     def set_inode_flags(self, inode, set_flags=0, clear_flags=0):
@@ -292,8 +324,7 @@ class BtrfsSuper(Superblock, SuperOperations):
             trans = self.start()
             self._free_inode(trans, inode)
             self.flush_freed(trans)
-        with self._icache_lock:
-            self._icache.pop(inode.i_ino, None)
+        self.icache_forget(inode.i_ino, inode)
 
     def _free_inode(self, trans, inode):
         tree = self.tm.tree(inode.tree_id)
@@ -316,8 +347,7 @@ class BtrfsSuper(Superblock, SuperOperations):
                 inode = self.iget(ino)
                 trans = self.start()
                 self._free_inode(trans, inode)
-                with self._icache_lock:
-                    self._icache.pop(ino, None)
+                self.icache_forget(ino, inode)
             if orphans:
                 self.flush_freed(self.start())
                 self.tm.commit()
@@ -403,9 +433,7 @@ class BtrfsSuper(Superblock, SuperOperations):
                 except NotFoundError:
                     pass
             self.write_inode(trans, dir)
-            with self._icache_lock:
-                for ino in [i for i in self._icache if split_ino(i)[0] == tid]:
-                    del self._icache[ino]
+            self.icache_forget_if(lambda i: split_ino(i)[0] == tid)
             self.tm.delete_tree(trans, tid)
             self.flush_freed(trans)
             self.tm.commit()

@@ -5,7 +5,8 @@ Layer: personality (plugin entry).  Imports ``ufs.hookspecs`` (hookimpl), ``ufs.
 (registration stays cheap: no Cython engine import here).
 
 Options (validated by ``ufs.registry.parse_options``): mkfs ``inode_size`` (256..block size,
-power of two), ``ag_count``, ``log_blocks``, ``label``; mount ``lockdep`` (lock checking).
+power of two), ``ag_count``, ``log_blocks``, ``label``; mount ``lockdep`` (lock checking),
+``inode_cache`` (the inode cache LRU bound, ``ufs.vfs.super``).
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ OPTIONS = {
     "log_blocks": OptionSpec(_positive, None, help="mkfs: journal size in blocks (>= 128)"),
     "label": OptionSpec(_label, "", help="mkfs: volume label"),
     "lockdep": OptionSpec(bool, False, help="check lock order (ufs.vfs.lockdep)"),
+    "inode_cache": OptionSpec(_positive, None,
+                              help="inodes kept in the in-memory inode cache's LRU (default "
+                                   "16384; open or dirty inodes are kept beyond it)"),
 }
 
 PERSONALITY = Personality(

@@ -4,12 +4,22 @@ Layer: personality.  Imports ``ufs.vfs`` (Superblock, ops contracts), ``ufs.erro
 package (``alloc.Metadata``, ``inode``, ``bmap``, ``dir``, ``file`` for the data path).
 
 Owns:
-- :class:`XfsSuper` (its own ``s_op``): ``iget`` (one live object per inode: a weak cache plus
-  a strong LRU and the set of inodes with unwritten state), transactions (``trans``: the
-  metadata lock + one journal transaction), inode creation/freeing, the unlinked list
-  (orphans, freed at mount), truncation of blocks, ``statfs``, ``sync_fs``, ``put_super``;
+- :class:`XfsSuper` (its own ``s_op``): ``iget`` (one live object per inode through the VFS
+  inode cache of ``ufs.vfs.super``: a weak map plus a bounded LRU, mount option
+  ``inode_cache``), the set of inodes with unwritten state (``_dirty``), transactions
+  (``trans``: the metadata lock + one journal transaction), inode creation/freeing, the
+  unlinked list (orphans, freed at mount), truncation of blocks, ``statfs``, ``sync_fs``,
+  ``put_super``;
 - :class:`XfsInodeOps` (``inode.i_op``): lookup/create/mkdir/symlink/link/unlink/rmdir/rename/
   readlink/readdir/setattr/xattrs, and fallocate/seek (delegated to ``file.py``).
+
+Inode lifetime: the LRU's reference is only a cache.  State that is not in the log yet is
+held by ``_dirty`` (delayed allocation, an unlogged core: ``core_dirty``; dirty pages are also
+held by the page cache budget), so an inode leaves memory only once it is clean: then its
+core is in the buffer cache/log and ``iget`` decodes the same inode again.  A logged change
+needs no pin: it is in the metadata buffers (``read_dinode`` reads them) before the
+transaction's lock is released.  The shrinker's test is :meth:`XfsSuper.inode_reclaimable`;
+under pressure it calls :meth:`XfsSuper.writeback_inode` (what ``sync_fs`` does per inode).
 
 Every metadata change is one journal transaction (atomic; durable at the next log force,
 which fsync/sync_fs/O_DSYNC do).  Big frees (truncate, eviction) run as a sequence of
@@ -19,7 +29,10 @@ transactions of a bounded number of extents each, the inode staying consistent b
 Locks (outermost first): VFS ``i_rwsem`` as ``ufs.vfs.ops`` documents → page-cache locks
 (write-back) → ``meta_lock`` (an RLock serialising every metadata transaction and every read of
 metadata; never held while calling into the page cache or waiting for data I/O) → the AG
-locks / log lock of the foundation → ``_icache_lock`` (leaf).
+locks / log lock of the foundation → the inode cache's ``_icache_lock`` and ``_dirty_lock``
+(leaves).  The inline shrinker (``prune_icache`` from ``iget``/``new_inode``, possibly under
+``meta_lock``) only try-locks pages and does no I/O; write-back under pressure
+(``balance_icache``) runs from the VFS with no lock held.
 """
 from __future__ import annotations
 
@@ -30,13 +43,12 @@ import stat as _stat
 import struct
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 
 from ufs.errors import CorruptError, NoSpaceError, NotFoundError, from_errno
 from ufs.vfs import ops
 from ufs.vfs.ops import InodeOperations, KStatfs, SuperOperations
-from ufs.vfs.super import Superblock
+from ufs.vfs.super import DEFAULT_INODE_CACHE, Superblock
 
 from . import format as fmt
 from .bmap import ExtentMap
@@ -49,8 +61,6 @@ __all__ = ["FREE_BATCH_EXTENTS", "XfsInodeOps", "XfsSuper"]
 FREE_BATCH_EXTENTS = 8
 #: file blocks past any real offset ("to the end of the file")
 BLK_INF = 1 << 62
-#: strong references kept to recently used inodes (the rest are weak)
-ICACHE_LRU = 2048
 
 _XATTR_HDR = struct.Struct("<I")
 _XATTR_ENT = struct.Struct("<BH")
@@ -68,7 +78,8 @@ class XfsSuper(Superblock, SuperOperations):
     """A mounted xfslike filesystem (``sb.s_op`` is itself)."""
 
     def __init__(self, dev, md, options=None, readonly=False):
-        super().__init__(dev, md.sb.block_size, name=getattr(dev, "path", None) or "xfslike")
+        super().__init__(dev, md.sb.block_size, name=getattr(dev, "path", None) or "xfslike",
+                         inode_cache=(options or {}).get("inode_cache") or DEFAULT_INODE_CACHE)
         from .file import (  # the data path needs the Cython engine
             XfsFileOps,
             XfsWritebackOps,
@@ -92,10 +103,8 @@ class XfsSuper(Superblock, SuperOperations):
         self.fops = XfsFileOps(self)
         self.wb_ops = XfsWritebackOps(self)
         self.s_wb_ops = self.wb_ops
-        self._icache = weakref.WeakValueDictionary()
-        self._lru: collections.OrderedDict = collections.OrderedDict()
         self._dirty: set = set()          # inodes with dirty pages, delalloc or a dirty core
-        self._icache_lock = threading.Lock()
+        self._dirty_lock = threading.Lock()
         self.delalloc_blk = 0             # blocks reserved by delayed allocations
         self.stats = collections.Counter()
         if not readonly:
@@ -159,35 +168,39 @@ class XfsSuper(Superblock, SuperOperations):
 
     # -- inode cache -------------------------------------------------------------------------
     def iget(self, ino: int):
-        with self._icache_lock:
-            inode = self._icache.get(ino)
-            if inode is not None:
-                self._touch(inode)
-                return inode
+        inode = self.icache_get(ino)
+        if inode is not None:
+            return inode
         with self.meta_lock:
-            with self._icache_lock:
-                inode = self._icache.get(ino)
-                if inode is not None:
-                    return inode
+            # a second reader of the same ino waits here and then finds the first one's object
+            inode = self.icache_get(ino)
+            if inode is not None:
+                return inode
             di = self.read_dinode(ino)
             if di.mode == 0:
                 raise NotFoundError(_errno.ENOENT, f"inode {ino} is not allocated")
-            inode = XfsInode(self, di)
-            with self._icache_lock:
-                self._icache[ino] = inode
-                self._touch(inode)
-            return inode
-
-    def _touch(self, inode) -> None:
-        lru = self._lru
-        lru[inode.i_ino] = inode
-        lru.move_to_end(inode.i_ino)
-        if len(lru) > ICACHE_LRU:
-            lru.popitem(last=False)
+            self.stats["iget_reads"] += 1
+            return self.icache_add(XfsInode(self, di))
 
     def mark_dirty(self, inode) -> None:
-        with self._icache_lock:
+        with self._dirty_lock:
             self._dirty.add(inode)
+
+    def inode_reclaimable(self, inode) -> bool:
+        """Nothing of ``inode`` lives only in memory (the inode cache may drop it)."""
+        return (inode not in self._dirty and not inode.core_dirty and not inode.delalloc
+                and not inode.i_mapping.has_dirty_pages())
+
+    def writeback_inode(self, inode) -> None:
+        """Write back the dirty pages (allocating delayed extents) and log an unlogged core;
+        leaves ``_dirty`` once clean.  No lock held by the caller."""
+        inode.i_mapping.write_and_wait_range(0, None)
+        if inode.core_dirty and inode.i_nlink:
+            with self.trans() as tx:
+                self.log_inode(tx, inode)
+        with self._dirty_lock:
+            if not inode.i_mapping.nrdirty and not inode.delalloc and not inode.core_dirty:
+                self._dirty.discard(inode)
 
     def bmap(self, inode) -> ExtentMap:
         if inode.bmap is None:
@@ -225,27 +238,22 @@ class XfsSuper(Superblock, SuperOperations):
             di.fork = struct.pack("<Q", dir.i_ino if dir is not None else ino)
             di.inline_len = len(di.fork)
         self.log_inode(tx, inode)
-        with self._icache_lock:
-            self._icache[ino] = inode
-            self._touch(inode)
-        tx.on_abort(lambda: self._drop_cached(ino))
+        self.icache_add(inode, new=True)
+        tx.on_abort(lambda: self._drop_cached(inode))
         return inode
 
-    def _drop_cached(self, ino: int) -> None:
-        with self._icache_lock:
-            inode = self._icache.pop(ino, None)
-            self._lru.pop(ino, None)
+    def _drop_cached(self, inode) -> None:
+        """``inode`` is freed (or its creation undone): out of the cache and the dirty set."""
+        self.icache_forget(inode.i_ino, inode)
+        with self._dirty_lock:
             self._dirty.discard(inode)
 
     # -- unlinked list -----------------------------------------------------------------------
     def _inode_obj(self, ino: int):
-        with self._icache_lock:
-            inode = self._icache.get(ino)
+        """The inode object of an unlinked-list member (under ``meta_lock``)."""
+        inode = self.icache_get(ino)
         if inode is None:
-            di = self.read_dinode(ino)
-            inode = XfsInode(self, di)
-            with self._icache_lock:
-                self._icache[ino] = inode
+            inode = self.icache_add(XfsInode(self, self.read_dinode(ino)))
         return inode
 
     def orphan_add(self, tx, inode) -> None:
@@ -346,7 +354,7 @@ class XfsSuper(Superblock, SuperOperations):
             self.ialloc.free(tx, inode.i_ino)
             inode.di = fmt.DiskInode(ino=inode.i_ino, generation=gen)
             self._write_dinode(tx, inode.di)
-        self._drop_cached(inode.i_ino)
+        self._drop_cached(inode)
 
     # -- super operations --------------------------------------------------------------------
     def evict_inode(self, inode) -> None:
@@ -368,21 +376,17 @@ class XfsSuper(Superblock, SuperOperations):
     def sync_fs(self, wait: bool = True) -> None:
         if self.readonly:
             return
-        with self._icache_lock:
+        with self._dirty_lock:
             dirty = list(self._dirty)
         first_err = None
         for inode in dirty:
             try:
-                inode.i_mapping.write_and_wait_range(0, None)
-                if getattr(inode, "core_dirty", False) and inode.i_nlink:
-                    with self.trans() as tx:
-                        self.log_inode(tx, inode)
+                self.writeback_inode(inode)
             except OSError as e:
                 first_err = first_err or e
                 continue
-            with self._icache_lock:
-                if not inode.i_mapping.nrdirty and not inode.delalloc and not inode.core_dirty:
-                    self._dirty.discard(inode)
+            # clean now: back on the LRU (if it had left it while busy) so the shrinker sees it
+            self.icache_get(inode.i_ino)
         with self.meta_lock:
             self.md.log.force()
         self.dev.flush()

@@ -17,12 +17,24 @@ What it owns:
 There is no dentry cache: a walk keeps the stack of directory inodes from the root (``..`` pops
 it), which is the real ancestry because a directory has one parent.  ``s_vfs_rename_mutex``
 serialises renames (the only operation that moves directories), so a stack computed under it is
-stable for the rename's ancestry checks.
+stable for the rename's ancestry checks.  Every component is looked up by the personality
+(``i_op.lookup``: an O(log n) directory B+tree/btree search plus ``iget``), so there are no
+negative or unused dentries to keep or shrink; what memory a walk leaves behind is inodes, and
+the bounded inode cache of ``ufs.vfs.super`` owns their lifetime.  Namei feeds that cache the
+two things only the VFS knows: ``sb.s_inode_in_use`` (an open file holds the inode, from the
+fd table's ``is_open``) and the safe point: :meth:`Namei._balance` runs
+``sb.balance_icache()`` at the start of the namespace operations that create or remove
+(open, mkdir, symlink, link, unlink, rmdir, rename; not plain lookups, which make nothing
+dirty), when this thread holds no lock, so the cache may write dirty inodes back there to
+stay within its bound.  Inodes are compared by identity (``is``) only within one operation,
+whose walk stack holds them (so ``iget`` returns the same objects).
 
 Lock order: ``s_vfs_rename_mutex`` → parent directory ``i_rwsem`` (I_MUTEX_PARENT, then
 I_MUTEX_PARENT2) → child ``i_rwsem`` (I_MUTEX_NORMAL, then I_MUTEX_NONDIR2).  A walk takes each
-directory's ``i_rwsem`` shared around one lookup and never holds two.  A method called with a
-directory already locked uses :meth:`Namei._lookup_locked`.
+directory's ``i_rwsem`` shared around one lookup and never holds two.  ``_balance`` (inode
+cache write-back: page-cache locks, then the personality's metadata lock) runs before any of
+these is taken.  A method called with a directory already locked uses
+:meth:`Namei._lookup_locked`.
 """
 from __future__ import annotations
 
@@ -168,6 +180,22 @@ class Namei:
         self.s_vfs_rename_mutex = Mutex("sb.s_vfs_rename_mutex")
         self._root = None
         self._root_lock = threading.Lock()
+        # the inode cache's hooks (ufs.vfs.super); a superblock without one (a test host, a
+        # personality not built on Superblock) has neither
+        self._balance_icache = None
+        if hasattr(sb, "s_inode_in_use"):
+            sb.s_inode_in_use = self._inode_in_use
+            self._balance_icache = getattr(sb, "balance_icache", None)
+
+    def _inode_in_use(self, inode) -> bool:
+        # read self.is_open at each call: the fd table installs it after construction
+        return self.is_open(inode)
+
+    def _balance(self) -> None:
+        """The inode cache's safe point (no lock held by this thread; see the docstring)."""
+        bal = self._balance_icache
+        if bal is not None:
+            bal()
 
     # -- limits ---------------------------------------------------------------------------
     @property
@@ -327,6 +355,7 @@ class Namei:
         return p, d
 
     def mkdir(self, path, mode: int, umask: int = 0) -> None:
+        self._balance()
         p, d = self._create_prepare(path, is_dir=True)
         try:
             if self.s_max_links and d.i_nlink >= self.s_max_links:
@@ -338,6 +367,7 @@ class Namei:
     def symlink(self, target, path) -> None:
         target = fspath(target)
         _check_path(target)
+        self._balance()
         p, d = self._create_prepare(path, is_dir=False)
         try:
             d.i_op.symlink(d, p.name, target)
@@ -346,6 +376,7 @@ class Namei:
 
     def link(self, src, dst, follow_symlinks: bool = False) -> None:
         """``linkat``: ``follow_symlinks`` is AT_SYMLINK_FOLLOW (``link(2)`` does not follow)."""
+        self._balance()
         inode = self.lookup_path(src, follow=follow_symlinks)
         p, d = self._create_prepare(dst, is_dir=False)
         try:
@@ -365,6 +396,7 @@ class Namei:
 
     # -- removal ---------------------------------------------------------------------------
     def unlink(self, path) -> None:
+        self._balance()
         p = self.parent(path)
         if p.type != LAST_NORM:
             raise IsADirError(_errno.EISDIR, "is a directory", p.path)
@@ -390,6 +422,7 @@ class Namei:
         self._evict_if_unused(victim)
 
     def rmdir(self, path) -> None:
+        self._balance()
         p = self.parent(path)
         if p.type == LAST_DOTDOT:
             raise NotEmptyError(_errno.ENOTEMPTY, "directory not empty", p.path)
@@ -428,6 +461,7 @@ class Namei:
         if flags & RENAME_WHITEOUT:
             raise InvalidError(_errno.EINVAL, "RENAME_WHITEOUT is not supported")
         exchange = bool(flags & RENAME_EXCHANGE)
+        self._balance()
         self.s_vfs_rename_mutex.lock()
         try:
             self._rename_locked(src, dst, flags, exchange)
@@ -546,6 +580,7 @@ class Namei:
         follow = not (flags & os.O_NOFOLLOW) and not excl
         acc = flags & _O_ACCMODE
         want_write = acc in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
+        self._balance()
         nd = _Walk()
         p = self.parent(path, nd)
         directory = bool(flags & os.O_DIRECTORY)

@@ -36,7 +36,13 @@ Locks, outermost first:
    state change (fill, copy-in, write-back snapshot, removal).  Several page locks are taken in
    ascending index order only.
 4. ``_lock`` (mapping, leaf): the page dict.  ``PageCacheBudget._lock`` (leaf): the LRU.
-Eviction only *tries* page locks, so it never waits behind an operation.
+Eviction (the budget's, and ``release_clean_pages`` when the inode cache drops an inode) only
+*tries* page locks, so it never waits behind an operation and may run under any lock.
+
+Lifetime: a cached page holds its mapping and the mapping its inode (``host``), so an inode
+with pages in the budget's LRU stays alive; dirty pages thereby keep their inode (and its
+unwritten state) in memory until they are written back.  The inode cache
+(``ufs.vfs.super``) drops an evicted inode's clean pages so that nothing else pins it.
 """
 from __future__ import annotations
 
@@ -210,6 +216,21 @@ class PageCache:
     def nrdirty(self) -> int:
         """Pages with at least one dirty block."""
         return sum(1 for p in list(self._pages.values()) if p.dirty)
+
+    def has_dirty_pages(self) -> bool:
+        """Any page with a dirty block (``mapping_tagged(DIRTY)``; stops at the first)."""
+        if not self._pages:
+            return False
+        return any(p.dirty for p in list(self._pages.values()))
+
+    def release_clean_pages(self) -> bool:
+        """Drop every clean page nobody has locked (``invalidate_mapping_pages``, used when
+        the inode cache evicts the inode).  Never waits.  True if no page is left."""
+        if not self._pages:
+            return True
+        for page in list(self._pages.values()):
+            self._try_evict(page)
+        return not self._pages
 
     def find_page(self, index: int) -> Page | None:
         """The cached page at ``index`` (unlocked), or None."""
