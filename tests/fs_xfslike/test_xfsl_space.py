@@ -83,3 +83,28 @@ def test_collapse_and_insert_are_eopnotsupp_and_change_nothing(image, mode, name
         fs.fallocate(fd, 0x40, 65536, 65536)
         assert fs.fstat(fd).st_size == 131072 and fs.pread(fd, 16, 65536) == bytes(16)
         fs.close(fd)
+
+
+def test_freeing_the_tail_of_the_unlinked_list_does_not_orphan_a_reused_inode(image):
+    """Two files unlinked while open: closing the first frees the list's tail, whose
+    next_unlinked is 0 and which is not the head.  It must leave the list, or the next
+    file to reuse its number is freed by the next mount's orphan processing."""
+    fs = api.mount(image)
+    try:
+        a = fs.open("/a", os.O_CREAT | os.O_RDWR, 0o644)
+        b = fs.open("/b", os.O_CREAT | os.O_RDWR, 0o644)
+        fs.unlink("/a")
+        fs.unlink("/b")
+        fs.close(a)
+        n = fs.open("/new", os.O_CREAT | os.O_RDWR, 0o644)
+        fs.pwrite(n, b"keep", 0)
+        fs.close(n)
+        fs.close(b)
+    finally:
+        fs.unmount()
+    assert api.fsck(image).clean
+    with api.mount(image) as fs:
+        fd = fs.open("/new", os.O_RDONLY)
+        assert fs.pread(fd, 4, 0) == b"keep"
+        fs.close(fd)
+    assert api.fsck(image).clean

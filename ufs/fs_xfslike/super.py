@@ -348,8 +348,10 @@ class XfsSuper(Superblock, SuperOperations):
                 tx.free_buf(di.xattr_blk)
                 self.md.alloc.free(tx, di.xattr_blk, 1)
                 di.xattr_blk = fmt.NULL_BLK
-            if di.next_unlinked or self.md.sb.unlinked_ino == inode.i_ino:
-                self.orphan_remove(tx, inode)
+            # every inode freed here is on the unlinked list (_drop_link put it there, or
+            # mount's orphan processing took it from there); the tail of the list has
+            # next_unlinked == 0 and is not the head, so test membership by removing
+            self.orphan_remove(tx, inode)
             gen = di.generation
             self.ialloc.free(tx, inode.i_ino)
             inode.di = fmt.DiskInode(ino=inode.i_ino, generation=gen)
