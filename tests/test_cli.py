@@ -116,8 +116,13 @@ def test_mkfs_creates_sparse_image_prints_geometry_and_is_clean(tmp_path, fstype
     assert info["clean"] is True
     assert 0 < info["blocks_free"] <= info["blocks"] <= (64 << 20) // 4096
     assert isinstance(info["state"], dict) and isinstance(info["options"], dict)
+    # features describe the on-disk format, not mount options
+    assert info["features"]["format"] == f"{fstype} v1"
+    assert "lockdep" not in info["features"]
+    assert 0 < info["blocks_avail"] <= info["blocks_free"]
     res = run("info", str(img))
     assert res.exit_code == 0 and f"personality:  {fstype}" in res.stdout
+    assert f"  format: {fstype} v1" in res.stdout
 
 
 @pytest.mark.parametrize("fstype", PERSONALITIES)

@@ -216,6 +216,8 @@ def _geometry(image: str) -> dict:
                 info["state"] = dict(extra())
             except Exception as e:  # noqa: BLE001 - informational only
                 info["state"] = {"error": str(e)}
+        feats = getattr(fs.sb, "features", None)
+        info["features"] = dict(feats()) if callable(feats) else {}
         info["options"] = {k: spec.default for k, spec in fs.personality.options.items()}
     return info
 
@@ -492,7 +494,11 @@ def info(as_json, image):
                f"{_human(used)} used")
     if g["files"]:
         click.echo(f"inodes:       {g['files']} total, {g['files_free']} free")
-    click.echo("features:     " + (", ".join(f"{k}={v}" for k, v in g["options"].items()) or "-"))
+    click.echo("features:     " + ("" if g["features"] else "-"))
+    for k, v in g["features"].items():
+        click.echo(f"  {k}: {v}")
+    click.echo("options (defaults): "
+               + (", ".join(f"{k}={v}" for k, v in g["options"].items()) or "-"))
     click.echo(f"state:        {'clean' if g['clean'] else 'NOT clean'}")
     for k, v in g["state"].items():
         click.echo(f"  {k}: {v}")

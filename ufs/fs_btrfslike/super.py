@@ -353,6 +353,14 @@ class BtrfsSuper(Superblock, SuperOperations):
                 self.tm.commit()
 
     # -- super operations ----------------------------------------------------------------------
+    def features(self) -> dict:
+        """The on-disk format as the superblock describes it (``ufs info``)."""
+        tm = self.tm
+        sb = tm.sb
+        return {"format": "btrfslike v1", "checksums": "crc32c (metadata and data)",
+                "nodesize": sb.nodesize, "sectorsize": sb.sectorsize,
+                "metadata_reserve": f"{tm.extents.meta_reserve} bytes"}
+
     def statfs(self):
         tm = self.tm
         with tm.lock:

@@ -365,14 +365,30 @@ class XfsSuper(Superblock, SuperOperations):
         inode.inode_dio_wait()
         self.free_inode(inode)
 
+    def features(self) -> dict:
+        """The on-disk format as the superblock describes it (``ufs info``)."""
+        sb = self.md.sb
+        return {"format": f"xfslike v{sb.version}", "metadata": "crc32c, self-describing",
+                "journal": f"{sb.log_nblocks} blocks at {sb.log_start_blk}",
+                "allocation_groups": f"{sb.ag_count} x {sb.ag_blk} blocks",
+                "inode_size": sb.inode_size, "sector_size": sb.sector_size,
+                "feature_bits": f"compat {sb.compat:#x}, ro_compat {sb.ro_compat:#x}, "
+                                f"incompat {sb.incompat:#x}",
+                "label": sb.label.rstrip(b"\0").decode("utf-8", "replace")
+                if isinstance(sb.label, bytes) else sb.label}
+
     def statfs(self) -> KStatfs:
         with self.meta_lock:
             free = self.md.alloc.free_blocks()
+            avail = self.md.alloc.avail_blocks()
             icount, ifree = self.ialloc.counts()
         free = max(0, free - self.delalloc_blk)
+        # f_bavail: what data can still get (the AGFL and its refill reserve are free but
+        # never become file data), as XFS leaves its set-aside blocks out
+        avail = max(0, avail - self.delalloc_blk)
         sb = self.md.sb
         return KStatfs(f_bsize=self.block_size, f_blocks=sb.total_blk, f_bfree=free,
-                       f_bavail=free, f_files=icount + free * self.ipb,
+                       f_bavail=avail, f_files=icount + free * self.ipb,
                        f_ffree=ifree + free * self.ipb, f_fsid=int.from_bytes(sb.uuid[:8], "little"))
 
     def sync_fs(self, wait: bool = True) -> None:
