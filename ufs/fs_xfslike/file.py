@@ -672,6 +672,13 @@ def fallocate(fs, inode, mode: int, pos: int, length: int) -> None:
         else:
             mapping.write_and_wait_range(pos - pos % bs, _ceil_blk(end, bs) * bs)
             _prealloc(fs, inode, pos // bs, _ceil_blk(end, bs))
+        old = inode.i_size
+        if not mode & FALLOC_FL_KEEP_SIZE and end > old and old % bs:
+            # growing the file: the rest of the old EOF block must read as zeros (XFS goes
+            # through setattr(size), which zeroes it); it may hold bytes a failed DIO wrote
+            tail_end = min(end, old - old % bs + bs)
+            buffered_zero_range(inode, old, tail_end - old, fops.iomap_ops)
+            mapping.write_and_wait_range(old - old % bs, tail_end)
         with fs.trans() as tx:
             if not mode & FALLOC_FL_KEEP_SIZE and end > inode.i_size:
                 inode.i_size = end
