@@ -123,6 +123,9 @@ class ExtentMap:
         """
         # first: no lockless reader may see a cached extent once the lists start to change
         self.last_found = None
+        # and a cancelled tx must give the inode back its on-disk map (the list changes
+        # below happen before the caller logs the inode core)
+        self.fs.join_inode(tx, self.inode)
         keys = self.keys
         lo = max(0, bisect_right(keys, start) - 1)
         if lo > 0:

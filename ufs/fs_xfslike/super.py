@@ -137,6 +137,12 @@ class XfsSuper(Superblock, SuperOperations):
         inode.store_core()
         inode.core_dirty = False
         self._write_dinode(tx, inode.di)
+        self.join_inode(tx, inode)
+
+    def join_inode(self, tx, inode) -> None:
+        """Make ``tx`` undo ``inode``'s in-memory state if it is cancelled (xfs_trans_ijoin).
+        Called before the first in-memory change of the inode in ``tx`` (``log_inode``, and
+        ``ExtentMap.set_range``, which changes the extent list before the core is logged)."""
         if inode.i_ino not in tx.xfs_inodes:
             tx.xfs_inodes[inode.i_ino] = inode
             tx.on_abort(lambda inode=inode: self._reload(inode))
