@@ -731,15 +731,15 @@ cdef void ll_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcep
     fuse_reply_err(req, err)
 
 
-cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, long off,
-                   fuse_file_info* fi) noexcept with gil:
+cdef void _reply_write_call(fuse_req_t req, str name, tuple args) noexcept:
+    # requests that write data (may allocate, never free): the bump class; the reply is
+    # the byte count
     cdef int err = 0
     cdef size_t n = 0
-    cdef int fd = _fd_of(fi)
     with nogil:
         _enter(CLS_BUMP)
     try:
-        n = _ops.call("write", fd, off, buf[:size])
+        n = _ops.call(name, *args)
     except BaseException as exc:
         err = _errno_of(exc)
     with nogil:
@@ -748,6 +748,11 @@ cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size,
             fuse_reply_err(req, err)
         else:
             fuse_reply_write(req, n)
+
+
+cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, long off,
+                   fuse_file_info* fi) noexcept with gil:
+    _reply_write_call(req, "write", (_fd_of(fi), off, buf[:size]))
 
 
 cdef void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, long offset, long length,
@@ -775,22 +780,8 @@ cdef void ll_lseek(fuse_req_t req, fuse_ino_t ino, long off, int whence,
 cdef void ll_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, long off_in,
                              fuse_file_info* fi_in, fuse_ino_t ino_out, long off_out,
                              fuse_file_info* fi_out, size_t length, int flags) noexcept with gil:
-    # writes the destination like write(2) (may allocate, never frees): the bump class
-    cdef int err = 0
-    cdef size_t n = 0
-    with nogil:
-        _enter(CLS_BUMP)
-    try:
-        n = _ops.call("copy_file_range", _fd_of(fi_in), off_in, _fd_of(fi_out), off_out,
-                      length, flags)
-    except BaseException as exc:
-        err = _errno_of(exc)
-    with nogil:
-        _leave(CLS_BUMP)
-        if err:
-            fuse_reply_err(req, err)
-        else:
-            fuse_reply_write(req, n)
+    _reply_write_call(req, "copy_file_range",
+                      (_fd_of(fi_in), off_in, _fd_of(fi_out), off_out, length, flags))
 
 
 cdef void _slow_read(fuse_req_t req, int fd, size_t size, long off) noexcept with gil:
