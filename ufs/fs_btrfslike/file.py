@@ -302,7 +302,7 @@ class BtrfsFileOps(FileOperations):
             trans = tm.start()
             if error or size <= 0:
                 self._release_reservations(st, trans)
-                self._undo_isize(st, st.start)
+                self._undo_isize(st, st.old_isize)   # nothing was written: i_size as before
                 return
             tree = tm.tree(inode.tree_id)
             done_end = st.start + size
@@ -335,7 +335,7 @@ class BtrfsFileOps(FileOperations):
             st.ended = True
             if st.res:
                 self._release_reservations(st, self.tm.start())
-            self._undo_isize(st, st.start)
+            self._undo_isize(st, st.old_isize)   # nothing was written: i_size as before
 
     # -- reads -----------------------------------------------------------------------------------
     def _verify(self, inode, st, buf, base, nbytes):
@@ -660,20 +660,33 @@ class BtrfsFileOps(FileOperations):
             if need > tm.extents.data_avail():
                 raise NoSpaceError(f"fallocate needs {need} bytes, "
                                    f"{tm.extents.data_avail()} available")
-            for lo, hi in gaps:
-                while lo < hi:
-                    n = min(hi - lo, MAX_EXTENT_BYTES)
-                    while True:
-                        try:
-                            addr = tm.extents.alloc_data(trans, n)
-                            break
-                        except NoSpaceError:
-                            if n <= self.ss:
-                                raise
-                            n = max(self.ss, n // 2 // self.ss * self.ss)
-                    add_extent(tm, trans, tree, inode, lo,
-                               new_reg_extent(trans.transid, addr, n, n, prealloc=True))
-                    lo += n
+            # The check above is not a reservation: the tree blocks the inserts copy-on-write
+            # come out of the same free space, so an allocation can still fail part way.
+            # Then the extents inserted so far are dropped again (all or nothing), and the
+            # inode item is rewritten on every path: add_extent changed nbytes in memory.
+            added = []
+            try:
+                for lo, hi in gaps:
+                    while lo < hi:
+                        n = min(hi - lo, MAX_EXTENT_BYTES)
+                        while True:
+                            try:
+                                addr = tm.extents.alloc_data(trans, n)
+                                break
+                            except NoSpaceError:
+                                if n <= self.ss:
+                                    raise
+                                n = max(self.ss, n // 2 // self.ss * self.ss)
+                        add_extent(tm, trans, tree, inode, lo,
+                                   new_reg_extent(trans.transid, addr, n, n, prealloc=True))
+                        added.append((lo, lo + n))
+                        lo += n
+            except NoSpaceError:
+                for lo, hi in added:
+                    drop_extents(tm, trans, tree, inode, lo, hi)
+                self.sb.write_inode(trans, inode)
+                self.sb.flush_freed(trans)
+                raise
             self.sb.write_inode(trans, inode)
 
     def seek_data_hole(self, inode, pos, whence):

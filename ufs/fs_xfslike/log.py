@@ -326,8 +326,11 @@ class Log:
                                                        self.bs) > self.max_record_blk:
                 self._push()                 # the CIL plus this transaction would not fit
             for blkno in tx.cancels:
+                # the block's last image stays in the AIL until the cancel is in a written
+                # record (_push): a checkpoint before that (log full) moves the tail past
+                # the records holding the image, so it must write the image in place while
+                # the free is not in the log yet
                 self._cil.pop(blkno, None)
-                self._ail.pop(blkno, None)
                 self._cil_cancels[blkno] = None
                 buf = tx.bufs.pop(blkno, None)
                 if buf is not None:
@@ -420,6 +423,10 @@ class Log:
             self.cycle += 1
             self.head_blk = 0
         self.last_lsn = lsn
+        for blkno in self._cil_cancels:
+            # the free is in the log now: the block's old image must never be written in
+            # place again (the block may be reused for file data once this is durable)
+            self._ail.pop(blkno, None)
         self._ail.update(final)
         self._cil.clear()
         self._cil_cancels.clear()
