@@ -343,6 +343,20 @@ class _Ino:
         self.dirty = False            # core must be rewritten
 
 
+def _new_dir(ino: int, perm: int, generation: int, parent: int) -> _Ino:
+    """An empty directory repair creates (a new root, or lost+found): inline, two links,
+    written with the rest of the repair."""
+    now = time.time_ns()
+    di = fmt.DiskInode(ino=ino, mode=_stat.S_IFDIR | perm, data_format=fmt.FMT_INLINE, nlink=2,
+                       generation=generation, atime_ns=now, mtime_ns=now, ctime_ns=now,
+                       crtime_ns=now)
+    st = _Ino(di)
+    st.entries = {}
+    st.parent = parent
+    st.dir_changed = st.dirty = True
+    return st
+
+
 class _Checker:
     def __init__(self, ov, sb, rep, repair, summaries_valid, log_bad):
         self.ov = ov
@@ -1055,15 +1069,7 @@ class _Checker:
                 return None
             gen = self.freed.pop(root, 0)
             self.sb.root_ino = root
-        now = time.time_ns()
-        di = fmt.DiskInode(ino=root, mode=_stat.S_IFDIR | 0o755, data_format=fmt.FMT_INLINE,
-                           nlink=2, generation=gen + 1, atime_ns=now, mtime_ns=now,
-                           ctime_ns=now, crtime_ns=now)
-        st = _Ino(di)
-        st.entries = {}
-        st.parent = root
-        st.dir_changed = st.dirty = True
-        self.inodes[root] = st
+        self.inodes[root] = _new_dir(root, 0o755, gen + 1, root)
         self.new_root = root
         self.fixed(f"root directory recreated (inode {root}); what it named goes to lost+found")
         return root
@@ -1132,7 +1138,6 @@ class _Checker:
             self.err("lost+found: no free inode and no space for an inode chunk")
             self.fatal.append("cannot create lost+found")
             return None
-        now = time.time_ns()
         gen = self.freed.pop(ino, None)
         if gen is None:
             blk, slot = divmod(ino, self.ipb)
@@ -1141,14 +1146,7 @@ class _Checker:
                                            self.sb.uuid).generation
             except (CorruptError, OSError):
                 gen = 0
-        di = fmt.DiskInode(ino=ino, mode=_stat.S_IFDIR | 0o700, data_format=fmt.FMT_INLINE,
-                           nlink=2, generation=gen + 1, atime_ns=now, mtime_ns=now,
-                           ctime_ns=now, crtime_ns=now)
-        st = _Ino(di)
-        st.entries = {}
-        st.parent = root
-        st.dir_changed = st.dirty = True
-        inodes[ino] = st
+        st = inodes[ino] = _new_dir(ino, 0o700, gen + 1, root)
         self._add_entry(rst, LOST_FOUND, ino)
         self.lf_ino = self.new_lf = ino
         self.parent_of[ino] = root
