@@ -467,3 +467,24 @@ def test_example_package_declares_entry_point():
 
     meta = tomllib.loads((EXAMPLE_DIR / "pyproject.toml").read_text())
     assert meta["project"]["entry-points"]["ufs"] == {"example": "ufs_example.plugin"}
+
+
+def test_int_option_and_the_shared_vfs_options():
+    from ufs.registry import VFS_OPTIONS, int_option
+    from ufs.vfs.super import DEFAULT_INODE_CACHE
+
+    conv = int_option(1024, 65536, pow2=True)
+    assert conv("0x4000") == 16384 and conv(2048) == 2048
+    for bad in ("3000", "512", "131072", "x"):
+        with pytest.raises(ValueError):
+            conv(bad)
+    assert int_option(1)("7") == 7
+    with pytest.raises(ValueError):
+        int_option(1)("0")
+    # the help states the VFS's real default
+    assert f"default {DEFAULT_INODE_CACHE};" in VFS_OPTIONS["inode_cache"].help
+    for name in ("xfslike", "btrfslike"):
+        from ufs.plugins import get_registry
+        pers = get_registry()[name]
+        assert pers.options["inode_cache"] is VFS_OPTIONS["inode_cache"]
+        assert pers.options["lockdep"] is VFS_OPTIONS["lockdep"]

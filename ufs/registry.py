@@ -29,8 +29,9 @@ from collections.abc import Callable, Iterator, Mapping
 
 from ufs.errors import FsError, InvalidError, PluginError
 
-__all__ = ["PROBE_SIZE", "OptionSpec", "Personality", "DeviceType", "Registry", "RegistryBuilder",
-           "OptionError", "UnknownTypeError", "parse_options", "read_probe_buffer"]
+__all__ = ["PROBE_SIZE", "VFS_OPTIONS", "OptionSpec", "Personality", "DeviceType", "Registry",
+           "RegistryBuilder", "OptionError", "UnknownTypeError", "int_option", "parse_options",
+           "read_probe_buffer"]
 
 #: Bytes read from the start of a device for probing: every personality's magic must lie
 #: inside (XFS and btrfs superblocks sit at 0 and 64 KiB - 1 block respectively in ours).
@@ -111,6 +112,29 @@ class OptionSpec:
             raise OptionError(f"option {key!r}: bad value {value!r}: "
                               f"must be one of {', '.join(map(str, self.choices))}")
         return out
+
+
+def int_option(lo: int, hi: int | None = None, *, pow2: bool = False) -> Callable[[Any], int]:
+    """An :class:`OptionSpec` converter: an int (decimal, ``0x``, ``0o``) from ``lo`` to
+    ``hi`` (no upper bound when None), a power of two when ``pow2``."""
+    def convert(v):
+        n = int(v, 0) if isinstance(v, str) else int(v)
+        if n < lo or (hi is not None and n > hi) or (pow2 and n & (n - 1)):
+            kind = "a power of two" if pow2 else "an integer"
+            raise ValueError(f"{kind} from {lo}" + (f" to {hi}" if hi is not None else " up"))
+        return n
+    return convert
+
+
+#: Options every personality built on ``ufs.vfs`` accepts and passes to it (``lockdep``:
+#: lock checking enabled before the mount; ``inode_cache``: the Superblock's inode LRU
+#: bound, None for ``ufs.vfs.super.DEFAULT_INODE_CACHE``).
+VFS_OPTIONS = MappingProxyType({
+    "lockdep": OptionSpec(bool, False, help="check lock order (ufs.vfs.lockdep)"),
+    "inode_cache": OptionSpec(int_option(1), None,
+                              help="inodes kept in the in-memory inode cache's LRU (default "
+                                   "8192; open or dirty inodes are kept beyond it)"),
+})
 
 
 def _callable_or_none(owner: str, what: str, value: Any) -> None:

@@ -14,7 +14,7 @@ for mkfs ``nodesize``.
 from __future__ import annotations
 
 from ufs.hookspecs import hookimpl
-from ufs.registry import OptionSpec, Personality
+from ufs.registry import VFS_OPTIONS, OptionSpec, Personality, int_option
 
 __all__ = ["OPTIONS", "PERSONALITY", "ufs_register_personalities"]
 
@@ -41,20 +41,6 @@ def _fsck(device, repair=False):
     return fsck(device, repair)
 
 
-def _nodesize(v):
-    n = int(v, 0) if isinstance(v, str) else int(v)
-    if n < 1024 or n > 65536 or n & (n - 1):
-        raise ValueError("a power of two from 1024 to 65536")
-    return n
-
-
-def _inode_cache(v):
-    n = int(v, 0) if isinstance(v, str) else int(v)
-    if n < 1:
-        raise ValueError("must be at least 1")
-    return n
-
-
 OPTIONS = {
     "dio_complete": OptionSpec(str, "unlocked", choices=("unlocked", "locked", "marker"),
                                help="O_DIRECT write completion: after dropping i_rwsem (the "
@@ -63,13 +49,11 @@ OPTIONS = {
     "nodatasum": OptionSpec(bool, False, help="new files get no data checksums"),
     "nodatacow": OptionSpec(bool, False, help="new files are overwritten in place (implies "
                                               "nodatasum)"),
-    "lockdep": OptionSpec(bool, False, help="check lock order (ufs.vfs.lockdep)"),
     "notreelog": OptionSpec(bool, False, help="fsync commits the whole transaction instead of "
                                               "writing an fsync log record (as btrfs)"),
-    "nodesize": OptionSpec(_nodesize, 16384, help="mkfs: tree node size in bytes"),
-    "inode_cache": OptionSpec(_inode_cache, None,
-                              help="inodes kept in the in-memory inode cache's LRU (default "
-                                   "16384; open or dirty inodes are kept beyond it)"),
+    "nodesize": OptionSpec(int_option(1024, 65536, pow2=True), 16384,
+                           help="mkfs: tree node size in bytes"),
+    **VFS_OPTIONS,
 }
 
 PERSONALITY = Personality(

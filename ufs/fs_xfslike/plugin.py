@@ -11,7 +11,7 @@ power of two), ``ag_count``, ``log_blocks``, ``label``; mount ``lockdep`` (lock 
 from __future__ import annotations
 
 from ufs.hookspecs import hookimpl
-from ufs.registry import OptionSpec, Personality
+from ufs.registry import VFS_OPTIONS, OptionSpec, Personality, int_option
 
 __all__ = ["OPTIONS", "PERSONALITY", "ufs_register_personalities"]
 
@@ -37,20 +37,6 @@ def _fsck(device, repair=False):
     return fsck(device, repair)
 
 
-def _inode_size(v):
-    n = int(v, 0) if isinstance(v, str) else int(v)
-    if n < 256 or n > 65536 or n & (n - 1):
-        raise ValueError("a power of two from 256 to the block size")
-    return n
-
-
-def _positive(v):
-    n = int(v, 0) if isinstance(v, str) else int(v)
-    if n <= 0:
-        raise ValueError("must be positive")
-    return n
-
-
 def _label(v):
     s = str(v)
     if len(s.encode()) > 32:
@@ -59,14 +45,11 @@ def _label(v):
 
 
 OPTIONS = {
-    "inode_size": OptionSpec(_inode_size, 512, help="mkfs: bytes per on-disk inode"),
-    "ag_count": OptionSpec(_positive, None, help="mkfs: number of allocation groups"),
-    "log_blocks": OptionSpec(_positive, None, help="mkfs: journal size in blocks (>= 128)"),
+    "inode_size": OptionSpec(int_option(256, 65536, pow2=True), 512, help="mkfs: bytes per on-disk inode"),
+    "ag_count": OptionSpec(int_option(1), None, help="mkfs: number of allocation groups"),
+    "log_blocks": OptionSpec(int_option(1), None, help="mkfs: journal size in blocks (>= 128)"),
     "label": OptionSpec(_label, "", help="mkfs: volume label"),
-    "lockdep": OptionSpec(bool, False, help="check lock order (ufs.vfs.lockdep)"),
-    "inode_cache": OptionSpec(_positive, None,
-                              help="inodes kept in the in-memory inode cache's LRU (default "
-                                   "16384; open or dirty inodes are kept beyond it)"),
+    **VFS_OPTIONS,
 }
 
 PERSONALITY = Personality(
