@@ -260,7 +260,7 @@ class UfsOperations(pyfuse3.Operations):
                 return self.namei.lookup_path(self._path(parent_inode) + "/..", follow=False)
             if not _stat.S_ISDIR(dir.i_mode):
                 raise pyfuse3.FUSEError(_errno.ENOTDIR)
-            return self.namei._lookup(dir, name)
+            return self.namei.lookup_child(dir, name)
 
         inode = await self._run(do)
         if inode is None:

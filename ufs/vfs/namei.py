@@ -224,6 +224,12 @@ class Namei:
         check_name(name)
         return dir.i_op.lookup(dir, name)
 
+    def lookup_child(self, dir, name: str):
+        """The inode ``name`` names in the directory inode ``dir``, or None (a negative
+        entry); the name rules are the walk's (ENAMETOOLONG, EINVAL for "/" or NUL).  For
+        inode-level callers such as the FUSE adapter, which get (parent, name) pairs."""
+        return self._lookup(dir, name)
+
     def _lookup(self, dir, name: str):
         """A walk step's lookup under ``dir.i_rwsem`` shared."""
         check_name(name)
