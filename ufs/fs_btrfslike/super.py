@@ -736,18 +736,7 @@ class BtrfsInodeOps(InodeOperations):
             self.sb.fops.truncate_locked(inode, attrs.size)
         with self.tm.lock:
             trans = self.sb.start()
-            if attrs.mode is not None:
-                inode.i_mode = _stat.S_IFMT(inode.i_mode) | attrs.mode
-            if attrs.uid is not None:
-                inode.i_uid = attrs.uid
-            if attrs.gid is not None:
-                inode.i_gid = attrs.gid
-            if attrs.atime_ns is not None:
-                inode.i_atime_ns = attrs.atime_ns
-            if attrs.mtime_ns is not None:
-                inode.i_mtime_ns = attrs.mtime_ns
-            if attrs.ctime_ns is not None:
-                inode.i_ctime_ns = attrs.ctime_ns
+            ops.setattr_copy(inode, attrs)
             self.sb.write_inode(trans, inode)
 
     def _xattrs(self, tree, inode, bname):

@@ -614,18 +614,7 @@ class XfsInodeOps(InodeOperations):
             from .file import truncate_locked
             truncate_locked(fs, inode, attrs.size)
         with fs.trans() as tx:
-            if attrs.mode is not None:
-                inode.i_mode = _stat.S_IFMT(inode.i_mode) | _stat.S_IMODE(attrs.mode)
-            if attrs.uid is not None:
-                inode.i_uid = attrs.uid
-            if attrs.gid is not None:
-                inode.i_gid = attrs.gid
-            if attrs.atime_ns is not None:
-                inode.i_atime_ns = attrs.atime_ns
-            if attrs.mtime_ns is not None:
-                inode.i_mtime_ns = attrs.mtime_ns
-            if attrs.ctime_ns is not None:
-                inode.i_ctime_ns = attrs.ctime_ns
+            ops.setattr_copy(inode, attrs)
             fs.log_inode(tx, inode)
 
     # -- xattrs: one raw block per inode -----------------------------------------------------

@@ -307,18 +307,7 @@ class MemOps(InodeOperations, FileOperations):
     def setattr(self, inode, attrs: Iattr):
         if attrs.size is not None:
             self._truncate(inode, attrs.size)
-        if attrs.mode is not None:
-            inode.i_mode = _stat.S_IFMT(inode.i_mode) | (attrs.mode & 0o7777)
-        if attrs.uid is not None:
-            inode.i_uid = attrs.uid
-        if attrs.gid is not None:
-            inode.i_gid = attrs.gid
-        if attrs.atime_ns is not None:
-            inode.i_atime_ns = attrs.atime_ns
-        if attrs.mtime_ns is not None:
-            inode.i_mtime_ns = attrs.mtime_ns
-        if attrs.ctime_ns is not None:
-            inode.i_ctime_ns = attrs.ctime_ns
+        ops.setattr_copy(inode, attrs)
 
     def getxattr(self, inode, name):
         try:

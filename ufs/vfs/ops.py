@@ -79,6 +79,7 @@ __all__ = [
     "dirent_type",
     "generic_write_checks",
     "inode_init_owner",
+    "setattr_copy",
 ]
 
 # lockdep subclasses of inode.i_rwsem (the kernel's enum inode_i_mutex_lock_class).
@@ -161,6 +162,23 @@ class Iattr:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+
+
+def setattr_copy(inode, attrs: Iattr) -> None:
+    """Copy every non-size field of ``attrs`` into ``inode`` (the kernel's
+    ``setattr_copy``); the personality truncates and logs the inode itself."""
+    if attrs.mode is not None:
+        inode.i_mode = _stat.S_IFMT(inode.i_mode) | _stat.S_IMODE(attrs.mode)
+    if attrs.uid is not None:
+        inode.i_uid = attrs.uid
+    if attrs.gid is not None:
+        inode.i_gid = attrs.gid
+    if attrs.atime_ns is not None:
+        inode.i_atime_ns = attrs.atime_ns
+    if attrs.mtime_ns is not None:
+        inode.i_mtime_ns = attrs.mtime_ns
+    if attrs.ctime_ns is not None:
+        inode.i_ctime_ns = attrs.ctime_ns
 
 
 @dataclasses.dataclass
