@@ -261,12 +261,7 @@ def serve(image: str, mountpoint: str, options=None, *, log_path: str | None = N
         # the kernel side first (no new requests), then the filesystem
         pyfuse3.close(unmount=bool(signalled))
         mounted_fuse = False
-        if ops.requests_failed:
-            log.warning("%d requests failed with unexpected errors (see tracebacks above)",
-                        ops.requests_failed)
-        log.info("requests served concurrently: at most %d at a time", ops.max_inflight)
-        fs.unmount()
-        log.info("unmounted %s cleanly", image)
+        _report_and_unmount(ops, fs, image, "")
         return 0
     finally:
         if mounted_fuse:
@@ -275,6 +270,17 @@ def serve(image: str, mountpoint: str, options=None, *, log_path: str | None = N
             except Exception:  # pragma: no cover - best effort on the error path
                 log.exception("pyfuse3.close failed")
         _release_mount(fs, image, state, root_log, handler)
+
+
+def _report_and_unmount(ops, fs, image, note: str) -> None:
+    """The end of a clean serve, for both engines: what the adapter saw, then the
+    filesystem's own unmount (journal flushed / transaction committed)."""
+    if ops.requests_failed:
+        log.warning("%d requests failed with unexpected errors (see tracebacks above)",
+                    ops.requests_failed)
+    log.info("requests served concurrently: at most %d at a time%s", ops.max_inflight, note)
+    fs.unmount()
+    log.info("unmounted %s cleanly", image)
 
 
 def _open_mount_log(log_path: str):
@@ -386,13 +392,7 @@ def _serve_native(image: str, mountpoint: str, fuse_opts: dict, fs_opts: dict, o
         log.info("native engine: %s", _lowlevel.stats())
         from ufs.iomap.bdev import thread_queues_made
         log.info("device queues set up by threads: %d", thread_queues_made())
-        log.info("requests served concurrently: at most %d at a time (Python handlers; fast "
-                 "reads not counted)", ops.max_inflight)
-        if ops.requests_failed:
-            log.warning("%d requests failed with unexpected errors (see tracebacks above)",
-                        ops.requests_failed)
-        fs.unmount()
-        log.info("unmounted %s cleanly", image)
+        _report_and_unmount(ops, fs, image, " (Python handlers; fast reads not counted)")
         return 0
     finally:
         if mounted_fuse:
